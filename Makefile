@@ -1,0 +1,28 @@
+# catalog-index: the two commands a fresh machine needs are `make run` and `make test`.
+SHELL := /bin/bash
+VENV  := .venv
+STAMP := $(VENV)/.installed
+SIZE  ?= 1000
+WAREHOUSE ?= file://$(CURDIR)/warehouse
+
+.PHONY: setup run test test-fast clean help
+
+help:
+	@echo "make run    - crawl the bundled sample catalog (SIZE=$(SIZE), SIZE=all for ~8,100 images) into $(WAREHOUSE)"
+	@echo "make test   - run the test suite (unit + integration: real Spark, HTTP, S3 over HTTP)"
+	@echo "make setup  - install Debian packages and the .venv (both targets above call it)"
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml infra/setup.sh
+	bash infra/setup.sh
+	@touch $(STAMP)
+
+run: setup
+	SIZE=$(SIZE) WAREHOUSE=$(WAREHOUSE) bash infra/run_sample.sh
+
+test: setup
+	$(VENV)/bin/python -m pytest -q
+
+clean:
+	rm -rf warehouse sample .pytest_cache

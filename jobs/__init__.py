@@ -1,0 +1,1 @@
+"""Spark entry points, one per stage: `spark-submit jobs/<stage>.py --help`."""

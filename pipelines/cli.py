@@ -1,0 +1,214 @@
+"""`catalog-index`: the command line for every stage and for the sample catalog.
+
+Each subcommand parses flags into Settings overrides and calls one library function;
+no stage logic lives here. Exit codes: 0 success, 1 the run finished but stopped
+(a gate or a stage refused), 2 usage or configuration error.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from rich.table import Table
+
+from pipelines.progress import console
+
+EPILOG = """Settings come from, lowest priority first: built-in defaults, the YAML file named by
+--config or CATALOG_INDEX_CONFIG, env vars (CATALOG_INDEX_WAREHOUSE, CATALOG_INDEX_CRAWL__RETRIES,
+CATALOG_INDEX_S3__ENDPOINT_URL, ...), then flags. See README.md, "Configuration"."""
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("common settings")
+    g.add_argument("--config", metavar="FILE", help="YAML settings file (default: $CATALOG_INDEX_CONFIG)")
+    g.add_argument("--warehouse", metavar="URI",
+                   help="warehouse root: file:///path or s3://bucket/prefix (default: ~/.catalog-index/warehouse)")
+    g.add_argument("--s3-endpoint-url", metavar="URL",
+                   help="S3-compatible endpoint for s3:// URIs (MinIO, Ceph, moto); default AWS")
+    g.add_argument("--spark-master", metavar="URL",
+                   help="Spark master when the job starts its own session (default local[*]; "
+                        "ignored under spark-submit, which sets its own)")
+    g.add_argument("--runner", choices=["spark", "local"], default="spark",
+                   help="where stage tasks run: on Spark (default) or sequentially in this process (debugging)")
+
+
+def _settings(args: argparse.Namespace, **extra):
+    from pipelines.config import load_settings
+
+    overrides = {"warehouse": args.warehouse, "s3": {"endpoint_url": args.s3_endpoint_url},
+                 "spark": {"master": args.spark_master}}
+    for key, value in extra.items():
+        overrides[key] = {**overrides.get(key, {}), **value} if isinstance(value, dict) else value
+    return load_settings(args.config, **overrides)
+
+
+def _spark_for(args, settings, app_name: str):
+    if args.runner == "local":
+        return None
+    from pipelines.spark import get_spark
+
+    return get_spark(settings, app_name)
+
+
+# ---------------------------------------------------------------------------------------
+# crawl
+# ---------------------------------------------------------------------------------------
+
+def _add_crawl(sub) -> None:
+    p = sub.add_parser(
+        "crawl", help="download the manifest's images into the warehouse images/ table",
+        description="Crawl every image URL of a manifest on Spark, incrementally: unchanged images are "
+                    "revalidated with conditional requests, not downloaded again. Every manifest row ends "
+                    "fetched, not_modified, stale (kept from the last run after a transient failure) or "
+                    "quarantined with a reason code.", epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--manifest", required=True, metavar="URI",
+                   help="catalog manifest: .csv/.parquet/.jsonl (optionally .gz), a local path, http(s):// or s3://; "
+                        "columns product_id, category, image_url (+ title)")
+    p.add_argument("--run-id", metavar="ID",
+                   help="run id; ids must sort in time order (default: UTC now, e.g. 20261123T031500Z). "
+                        "Rerunning an id replaces that run's outputs and resumes its unfinished tasks")
+    p.add_argument("--categories", nargs="+", metavar="C",
+                   help="crawl only these categories; the others keep the previous run's images (backfill)")
+    p.add_argument("--allow-private-hosts", action="store_true", default=None,
+                   help="allow URLs on loopback/private/link-local addresses and file:// (off by default: SSRF guard)")
+    p.add_argument("--no-resume", action="store_true",
+                   help="discard finished tasks of an earlier attempt at this run id and crawl everything again")
+    g = p.add_argument_group("crawl limits (also settable in the config file under crawl:)")
+    g.add_argument("--concurrency", type=int, metavar="N", help="concurrent fetches per Spark task (default 16)")
+    g.add_argument("--per-host-concurrency", type=int, metavar="N",
+                   help="concurrent fetches to one host per Spark task (default 8)")
+    g.add_argument("--rows-per-task", type=int, metavar="N", help="manifest rows per Spark task (default 1000)")
+    g.add_argument("--retries", type=int, metavar="N", help="retries on 5xx/429/timeouts/resets (default 3)")
+    g.add_argument("--timeout", type=float, metavar="S", help="whole-response deadline in seconds (default 60)")
+    g.add_argument("--max-bytes", type=int, metavar="N", help="largest accepted body in bytes (default 25 MB)")
+    g.add_argument("--max-pixels", type=int, metavar="N",
+                   help="largest accepted width*height; above is a decompression_bomb (default 50M)")
+    g.add_argument("--user-agent", metavar="UA", help="User-Agent header sent with every request")
+    _common(p)
+    p.set_defaults(func=cmd_crawl)
+
+
+def cmd_crawl(args) -> int:
+    from pipelines.crawl import run_crawl
+    from pipelines.layout import new_run_id
+
+    crawl = {"allow_private_hosts": args.allow_private_hosts, "concurrency": args.concurrency,
+             "per_host_concurrency": args.per_host_concurrency, "rows_per_task": args.rows_per_task,
+             "retries": args.retries, "total_timeout_s": args.timeout, "max_bytes": args.max_bytes,
+             "max_pixels": args.max_pixels, "user_agent": args.user_agent}
+    settings = _settings(args, crawl=crawl)
+    run_id = args.run_id or new_run_id()
+    console.print(f"crawl run [bold]{run_id}[/]: {args.manifest} -> {settings.warehouse}")
+    spark = _spark_for(args, settings, f"catalog-index crawl {run_id}")
+    summary = run_crawl(settings, args.manifest, run_id, categories=args.categories, runner=args.runner,
+                        spark=spark, resume=not args.no_resume)
+    print_crawl_summary(summary)
+    return 0
+
+
+def print_crawl_summary(summary) -> None:
+    table = Table(title=f"crawl {summary.run_id}", show_header=True)
+    table.add_column("outcome")
+    table.add_column("rows", justify="right")
+    table.add_row("manifest rows", f"{summary.manifest_rows:,}")
+    table.add_row("fetched (new or changed)", f"{summary.fetched:,}")
+    table.add_row("not modified (revalidated)", f"{summary.not_modified:,}")
+    table.add_row("stale (kept last good copy)", f"{summary.stale:,}")
+    for reason, count in summary.stale_reasons.items():
+        table.add_row(f"  after {reason}", f"{count:,}")
+    table.add_row("quarantined", f"{summary.quarantined:,}")
+    for reason, count in summary.quarantine_reasons.items():
+        table.add_row(f"  {reason}", f"{count:,}")
+    if summary.out_of_scope:
+        table.add_row("outside --categories", f"{summary.out_of_scope:,}")
+    table.add_row("[bold]accounted for", f"[bold]{summary.accounted:,}")
+    console.print(table)
+    rate = (summary.fetched + summary.not_modified) / summary.elapsed_s if summary.elapsed_s else 0.0
+    console.print(f"{summary.bytes_downloaded / 1e6:,.1f} MB downloaded in {summary.elapsed_s:.1f}s "
+                  f"({rate:,.0f} images/s); {summary.removed:,} images removed from the catalog since "
+                  f"{summary.previous_run_id or 'the first run'}"
+                  + (f"; resumed {summary.tasks_resumed} of {summary.tasks} tasks" if summary.tasks_resumed else ""))
+
+
+# ---------------------------------------------------------------------------------------
+# sample catalog
+# ---------------------------------------------------------------------------------------
+
+def _add_sample(sub) -> None:
+    p = sub.add_parser("sample", help="build and serve the bundled sample catalog (openclipart-png)",
+                       description="The sample catalog: ~8,100 openclipart PNG drawings in 22 categories, "
+                                   "served over local HTTP so the demo crawl is a real HTTP crawl.")
+    ssub = p.add_subparsers(dest="sample_command", required=True, metavar="{manifest,serve}")
+    m = ssub.add_parser("manifest", help="write a manifest CSV for the sample catalog",
+                        description="Write product_id,category,image_url,title rows for the sample images.")
+    m.add_argument("--base-url", required=True, metavar="URL",
+                   help="where `catalog-index sample serve` serves the images, e.g. http://127.0.0.1:8765")
+    m.add_argument("--size", default="1000", metavar="N|all",
+                   help="number of images, spread evenly over all categories (default 1000; 'all' = every image)")
+    m.add_argument("--output", required=True, metavar="FILE", help="CSV file to write")
+    m.set_defaults(func=cmd_sample_manifest)
+    s = ssub.add_parser("serve", help="serve the sample images over HTTP (ETag/Last-Modified aware)",
+                        description="Serve a folder of images over HTTP until interrupted.")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8765, help="port to bind (default 8765)")
+    s.add_argument("--root", default=None, metavar="DIR", help="folder to serve (default /usr/share/openclipart/png)")
+    s.set_defaults(func=cmd_sample_serve)
+
+
+def cmd_sample_manifest(args) -> int:
+    from pipelines.sample_catalog import build_sample_manifest, write_manifest_csv
+
+    size = None if args.size == "all" else int(args.size)
+    rows = build_sample_manifest(args.base_url, size)
+    path = write_manifest_csv(rows, Path(args.output))
+    categories = len({r["category"] for r in rows})
+    products = len({r["product_id"] for r in rows})
+    console.print(f"wrote {path}: {len(rows):,} images of {products:,} products in {categories} categories")
+    return 0
+
+
+def cmd_sample_serve(args) -> int:
+    from pipelines.sample_catalog import OPENCLIPART_DIR, serve_forever
+
+    serve_forever(Path(args.root) if args.root else OPENCLIPART_DIR, args.host, args.port)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="catalog-index",
+        description="Nightly catalog image search pipeline: crawl -> dedup -> validate -> embed -> "
+                    "build-index -> publish, on Spark, into a warehouse (local directory or S3).",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_crawl(sub)
+    _add_sample(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pipelines.config import ConfigError
+    from pipelines.crawl import CrawlError
+    from pipelines.manifest import ManifestError
+    from pipelines.storage import StorageError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, ManifestError, StorageError, ValueError) as exc:
+        console.print(f"[red]error:[/] {exc}")
+        return 2
+    except CrawlError as exc:
+        console.print(f"[red]crawl stopped:[/] {exc}")
+        return 1
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]: rerun the same command with the same --run-id to resume")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""Settings for every stage: one typed model, read from defaults < YAML file < env vars < CLI flags.
+
+The YAML file is named by `--config` or `CATALOG_INDEX_CONFIG`; env vars are
+`CATALOG_INDEX_<FIELD>` and `CATALOG_INDEX_<SECTION>__<FIELD>` (for example
+`CATALOG_INDEX_WAREHOUSE=s3://bucket/prefix`, `CATALOG_INDEX_CRAWL__MAX_BYTES=10000000`).
+Settings are plain data: they are pickled into Spark tasks, so nothing here opens a
+connection or a file at import time.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+DEFAULT_WAREHOUSE = (Path.home() / ".catalog-index" / "warehouse").as_uri()
+
+
+class ConfigError(ValueError):
+    """A setting is missing or malformed; the message says which and where it came from."""
+
+
+class S3Settings(BaseModel):
+    endpoint_url: str | None = Field(
+        None, description="S3-compatible endpoint (MinIO, moto, Ceph...). None = AWS.")
+    region: str | None = Field(None, description="AWS region; None = the credential chain's default.")
+    max_attempts: int = Field(8, ge=1, description="botocore retry attempts (standard mode).")
+    multipart_threshold_mb: int = Field(64, ge=5, description="Objects above this are uploaded in parts.")
+    multipart_chunk_mb: int = Field(16, ge=5)
+
+
+class SparkSettings(BaseModel):
+    master: str = Field("local[*]", description="Spark master URL used when a job starts its own session.")
+    profile: str = Field("local", description="Spark profile file in infra/spark/<profile>.conf.")
+    log_level: str = Field("ERROR", description="Spark's own log level (WARN/INFO to debug Spark itself).")
+    conf: dict[str, str] = Field(default_factory=dict, description="Extra spark.* settings.")
+
+
+class CrawlSettings(BaseModel):
+    connect_timeout_s: float = Field(5.0, gt=0)
+    read_timeout_s: float = Field(15.0, gt=0, description="Longest silence between two received chunks.")
+    total_timeout_s: float = Field(60.0, gt=0, description="Whole-response deadline (stops trickling servers).")
+    retries: int = Field(3, ge=0, description="Retries after the first attempt, on 5xx/429/timeouts/resets.")
+    backoff_s: float = Field(0.5, ge=0, description="First retry wait; doubles each retry (with jitter).")
+    max_bytes: int = Field(25_000_000, gt=0, description="Larger bodies are quarantined as too_large.")
+    max_pixels: int = Field(50_000_000, gt=0, description="width*height above this is a decompression_bomb.")
+    min_side: int = Field(1, ge=1, description="Images with a smaller width or height are quarantined.")
+    allowed_formats: list[str] = Field(
+        default_factory=lambda: ["JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF"],
+        description="Image formats (detected from magic bytes) that are kept.")
+    concurrency: int = Field(16, ge=1, description="Concurrent fetches per Spark task.")
+    per_host_concurrency: int = Field(8, ge=1, description="Concurrent fetches to one host per Spark task.")
+    rows_per_task: int = Field(1000, ge=1, description="Manifest rows handled by one Spark task.")
+    max_redirects: int = Field(5, ge=0)
+    user_agent: str = Field("catalog-index/0.1 (+https://github.com/catalog-index/catalog-index)")
+    allow_private_hosts: bool = Field(
+        False, description="Allow URLs resolving to loopback/private/link-local/metadata addresses and file://.")
+    allow_networks: list[str] = Field(
+        default_factory=list, description="CIDRs allowed even though they are not public (e.g. an internal CDN).")
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    warehouse: str = Field(DEFAULT_WAREHOUSE, description="file:///path or s3://bucket/prefix")
+    s3: S3Settings = Field(default_factory=S3Settings)
+    spark: SparkSettings = Field(default_factory=SparkSettings)
+    crawl: CrawlSettings = Field(default_factory=CrawlSettings)
+
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """`top` over `base`, recursively; None in `top` means "not given" and keeps `base`."""
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict):
+            merged = _deep_merge(out.get(key) if isinstance(out.get(key), dict) else {}, value)
+            if merged or key in out:
+                out[key] = merged
+        elif value is not None:
+            out[key] = value
+    return out
+
+
+def _env_overrides() -> dict[str, Any]:
+    """Env vars as a nested dict, so that they beat the YAML file but lose to CLI flags."""
+    prefix = "CATALOG_INDEX_"
+    nested: dict[str, Any] = {}
+    for name, value in os.environ.items():
+        if not name.startswith(prefix) or name == "CATALOG_INDEX_CONFIG":
+            continue
+        path = name[len(prefix):].lower().split("__")
+        node = nested
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        # Lists and mappings come as JSON: CATALOG_INDEX_CRAWL__ALLOW_NETWORKS='["10.0.0.0/8"]'
+        node[path[-1]] = json.loads(value) if value[:1] in "[{" else value
+    return nested
+
+
+def load_settings(config_path: str | os.PathLike | None = None, **overrides: Any) -> Settings:
+    """Build Settings from defaults, the YAML file, env vars and explicit overrides (CLI flags).
+
+    `overrides` may be nested dicts (`crawl={"retries": 1}`); None values are ignored so
+    that unset CLI flags do not clobber the file or the environment.
+    """
+    config_path = config_path or os.environ.get("CATALOG_INDEX_CONFIG")
+    data: dict[str, Any] = {}
+    if config_path:
+        path = Path(config_path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist (from --config or CATALOG_INDEX_CONFIG)")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        data = loaded
+    data = _deep_merge(data, _env_overrides())
+    data = _deep_merge(data, overrides)
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"invalid settings ({problems}). Check --config, CATALOG_INDEX_* env vars and flags.") from exc
+

@@ -1,0 +1,365 @@
+"""Crawl stage: manifest -> images table, incrementally, with every row accounted for.
+
+Driver side (`run_crawl`): read and normalise the manifest, quarantine unusable rows,
+join the previous committed run's state (for conditional requests), cut the work into
+tasks, dispatch them (Spark or local), then write the removed/carried rows, the summary
+and the `_SUCCESS.json` commit marker, last.
+
+Task side (`crawl_task`): fetch one slice of rows concurrently, check every body is a
+real image, and write three files owned by the task alone: the image bytes
+(`images/category=<c>/run_id=<r>/part-<task>.parquet`), the state rows
+(`runs/<r>/crawl/state/part-<task>.parquet`) and the quarantined rows. A task marker
+written after them makes a killed run resumable: a rerun of the same run id and the
+same manifest skips the tasks that finished.
+
+Every manifest row ends in exactly one of: fetched, not_modified, stale (fetch failed,
+last good bytes kept), quarantined (with a reason), or out_of_scope (a category outside
+`--categories`). The summary checks that these add up to the manifest's row count.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+
+from pipelines import layout
+from pipelines.config import CrawlSettings, S3Settings, Settings
+from pipelines.fetch import Fetcher
+from pipelines.image_check import ImageRejected, inspect_image
+from pipelines.manifest import read_manifest, split_manifest_rows
+from pipelines.storage import Storage, open_storage
+from schemas.tables import IMAGE_STATE, IMAGES, QUARANTINE
+
+# Failures that say nothing about the image itself: keep last night's good copy.
+TRANSIENT_REASONS = {"timeout", "connection_error", "dns_error", "http_429", "http_500", "http_502", "http_503",
+                     "http_504"}
+_PREV = ["sha256", "byte_size", "format", "width", "height", "http_status", "etag", "last_modified",
+         "content_type", "final_url", "fetched_at", "stored_run_id", "stored_key", "status"]
+
+
+def _worklist_schema() -> pa.Schema:
+    from schemas.tables import MANIFEST
+
+    return pa.schema(list(MANIFEST) + [IMAGE_STATE.field(c).with_name(f"prev_{c}").with_nullable(True) for c in _PREV])
+
+
+WORKLIST = _worklist_schema()
+
+
+class CrawlError(RuntimeError):
+    """The crawl could not run at all (bad manifest, unreachable warehouse)."""
+
+
+@dataclass
+class CrawlTask:
+    warehouse: str
+    s3: S3Settings
+    crawl: CrawlSettings
+    run_id: str
+    part: str
+    worklist_key: str
+
+
+@dataclass
+class CrawlSummary:
+    run_id: str
+    manifest_uri: str
+    previous_run_id: str | None
+    categories: list[str] | None
+    manifest_rows: int
+    fetched: int = 0
+    not_modified: int = 0
+    stale: int = 0
+    quarantined: int = 0
+    out_of_scope: int = 0
+    removed: int = 0
+    carried: int = 0
+    quarantine_reasons: dict[str, int] = field(default_factory=dict)
+    stale_reasons: dict[str, int] = field(default_factory=dict)
+    bytes_downloaded: int = 0
+    tasks: int = 0
+    tasks_resumed: int = 0
+    elapsed_s: float = 0.0
+    per_category: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    @property
+    def accounted(self) -> int:
+        return self.fetched + self.not_modified + self.stale + self.quarantined + self.out_of_scope
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["accounted"] = self.accounted
+        return json.dumps(data, indent=2, sort_keys=True)
+
+
+# ---------------------------------------------------------------------------------------
+# task side
+# ---------------------------------------------------------------------------------------
+
+def _now() -> pd.Timestamp:
+    return pd.Timestamp(datetime.now(timezone.utc))
+
+
+def _has_previous_bytes(row: dict) -> bool:
+    return bool(row.get("prev_stored_key")) and row.get("prev_status") != "removed"
+
+
+def crawl_row(row: dict, fetcher: Fetcher, settings: CrawlSettings, run_id: str) -> tuple[str, dict]:
+    """Fetch and check one worklist row. Returns (kind, record) with kind in
+    fetched | not_modified | stale | quarantined."""
+    base = {k: row.get(k) for k in ("product_id", "category", "image_url", "title")}
+    conditional = _has_previous_bytes(row)
+    started = _now()
+    result = fetcher.fetch(row["image_url"], etag=row.get("prev_etag") if conditional else None,
+                           last_modified=row.get("prev_last_modified") if conditional else None)
+    reason, detail = result.reason, result.detail
+    if result.outcome == "ok":
+        try:
+            info = inspect_image(result.data, settings.allowed_formats, settings.max_pixels, settings.min_side)
+        except ImageRejected as exc:
+            reason, detail = exc.reason, exc.detail
+        else:
+            sha = hashlib.sha256(result.data).hexdigest()
+            http = dict(http_status=result.http_status, etag=result.etag, last_modified=result.last_modified,
+                        content_type=result.content_type, final_url=result.final_url)
+            if conditional and sha == row.get("prev_sha256"):
+                # The server ignored the conditional request but the bytes are unchanged:
+                # keep the stored copy instead of storing the same bytes again.
+                return "not_modified", {**base, **_previous(row), **http, "status": "not_modified",
+                                        "checked_at": started}
+            return "fetched", {**base, **http, "sha256": sha, "byte_size": len(result.data), "format": info.format,
+                               "width": info.width, "height": info.height, "fetched_at": started,
+                               "checked_at": started, "status": "fetched", "image": result.data}
+    elif result.outcome == "not_modified":
+        if conditional:
+            http = {k: v for k, v in dict(http_status=304, etag=result.etag, last_modified=result.last_modified).items()
+                    if v is not None}
+            return "not_modified", {**base, **_previous(row), **http, "status": "not_modified", "checked_at": started}
+        reason, detail = "unexpected_304", "HTTP 304 to an unconditional request"
+    if conditional and reason in TRANSIENT_REASONS:
+        return "stale", {**base, **_previous(row), "status": "stale", "error": reason, "checked_at": started}
+    return "quarantined", {**base, "row_index": row["row_index"], "reason": reason, "detail": detail,
+                           "http_status": result.http_status, "at": started}
+
+
+def _previous(row: dict) -> dict:
+    out = {k: row.get(f"prev_{k}") for k in _PREV if k != "status"}
+    return out
+
+
+def _table(records: list[dict], schema: pa.Schema) -> pa.Table:
+    columns = {f.name: [r.get(f.name) for r in records] for f in schema}
+    return pa.table(columns, schema=schema)
+
+
+def crawl_task(task: CrawlTask) -> dict[str, Any]:
+    """Crawl one slice of the worklist and write the task's own output files."""
+    storage = open_storage(task.warehouse, task.s3)
+    rows = storage.read_parquet_file(task.worklist_key).to_pylist()
+    fetcher = Fetcher(task.crawl, task.s3)
+    try:
+        with ThreadPoolExecutor(max_workers=task.crawl.concurrency) as pool:
+            outcomes = list(pool.map(lambda r: crawl_row(r, fetcher, task.crawl, task.run_id), rows))
+    finally:
+        fetcher.close()
+
+    state, quarantined, by_category = [], [], {}
+    for kind, record in outcomes:
+        record["run_id"] = task.run_id
+        if kind == "quarantined":
+            record["stage"] = "crawl"
+            quarantined.append(record)
+            continue
+        if kind == "fetched":
+            by_category.setdefault(record["category"], []).append(record)
+        state.append(record)
+    bytes_downloaded = 0
+    for category, records in sorted(by_category.items()):
+        key = layout.images_key(category, task.run_id, task.part)
+        for record in records:
+            record["stored_run_id"], record["stored_key"] = task.run_id, key
+            bytes_downloaded += record["byte_size"]
+        storage.write_table(key, _table(records, IMAGES), compression="none")  # images are already compressed
+    storage.write_table(f"{layout.crawl_state_prefix(task.run_id)}part-{task.part}.parquet", _table(state, IMAGE_STATE))
+    storage.write_table(f"{layout.quarantine_prefix(task.run_id, 'crawl')}part-{task.part}.parquet",
+                        _table(quarantined, QUARANTINE))
+    counts = {
+        "part": task.part,
+        "kinds": dict(Counter(kind for kind, _ in outcomes)),
+        "quarantine_reasons": dict(Counter(r["reason"] for r in quarantined)),
+        "stale_reasons": dict(Counter(r["error"] for r in state if r["status"] == "stale")),
+        "per_category": _per_category(outcomes),
+        "bytes_downloaded": bytes_downloaded,
+    }
+    storage.write_text(_task_marker(task.run_id, task.part), json.dumps(counts))
+    return counts
+
+
+def _per_category(outcomes: list[tuple[str, dict]]) -> dict[str, dict[str, int]]:
+    table: dict[str, Counter] = {}
+    for kind, record in outcomes:
+        table.setdefault(record["category"], Counter())[kind] += 1
+    return {c: dict(v) for c, v in table.items()}
+
+
+def _task_marker(run_id: str, part: str) -> str:
+    return f"{layout.crawl_prefix(run_id)}tasks/part-{part}.json"
+
+
+# ---------------------------------------------------------------------------------------
+# driver side
+# ---------------------------------------------------------------------------------------
+
+def committed_crawl_runs(storage: Storage) -> list[str]:
+    return [r for r in storage.list_dirs("runs") if storage.exists(layout.crawl_success_key(r))]
+
+
+def previous_crawl_run(storage: Storage, run_id: str) -> str | None:
+    """The latest committed crawl run that sorts before `run_id` (run ids sort in time order)."""
+    earlier = [r for r in committed_crawl_runs(storage) if r < run_id]
+    return max(earlier) if earlier else None
+
+
+def read_crawl_state(storage: Storage, run_id: str, columns: list[str] | None = None) -> pd.DataFrame:
+    """Every image row of a committed crawl run (status fetched/not_modified/stale/carried/removed)."""
+    return storage.read_table(layout.crawl_state_prefix(run_id), columns=columns, schema=IMAGE_STATE).to_pandas()
+
+
+def _digest(frame: pd.DataFrame, extra: dict) -> str:
+    h = hashlib.sha256(pd.util.hash_pandas_object(frame.astype(str), index=False).values.tobytes())
+    h.update(json.dumps(extra, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def plan_task_count(rows: int, rows_per_task: int, parallelism: int) -> int:
+    """Enough tasks to bound each one's size, and enough to keep every core busy."""
+    if rows == 0:
+        return 0
+    return max(math.ceil(rows / rows_per_task), min(parallelism, math.ceil(rows / 32)))
+
+
+def run_crawl(settings: Settings, manifest_uri: str, run_id: str, *, categories: list[str] | None = None,
+              runner: str = "spark", spark=None, resume: bool = True) -> CrawlSummary:
+    started = time.monotonic()
+    layout.check_run_id(run_id)
+    storage = open_storage(settings.warehouse, settings.s3)
+    manifest = read_manifest(manifest_uri, settings.s3)
+    storage.write_table(layout.manifest_key(run_id), manifest)
+    frame = manifest.to_pandas()
+    previous = previous_crawl_run(storage, run_id)
+
+    in_scope = frame if not categories else frame[frame["category"].astype("string").str.strip().isin(categories)]
+    out_of_scope = len(frame) - len(in_scope)
+    to_crawl, rejected = split_manifest_rows(in_scope)
+
+    prev_state = read_crawl_state(storage, previous) if previous else IMAGE_STATE.empty_table().to_pandas()
+    prev_state = prev_state[prev_state["status"] != "removed"]
+    prev_cols = prev_state[["product_id", "image_url", *_PREV]].rename(columns={c: f"prev_{c}" for c in _PREV})
+    worklist = to_crawl.merge(prev_cols, on=["product_id", "image_url"], how="left")
+    worklist = worklist.sort_values(["category", "row_index"], kind="stable").reset_index(drop=True)
+
+    parallelism = spark.sparkContext.defaultParallelism if (runner == "spark" and spark is not None) else 1
+    n_tasks = plan_task_count(len(worklist), settings.crawl.rows_per_task, parallelism)
+    plan = {"manifest_digest": _digest(frame, {"categories": sorted(categories or [])}), "previous_run_id": previous,
+            "tasks": n_tasks, "crawl_settings": settings.crawl.model_dump()}
+    plan_key = f"{layout.crawl_prefix(run_id)}plan.json"
+    old_plan = json.loads(storage.read_text(plan_key)) if storage.exists(plan_key) else None
+    resuming = resume and old_plan == plan
+    if not resuming:
+        _clear_run_outputs(storage, run_id)
+        storage.write_text(plan_key, json.dumps(plan, indent=2, sort_keys=True))
+
+    tasks, results = [], {}
+    bounds = [round(i * len(worklist) / n_tasks) for i in range(n_tasks + 1)] if n_tasks else [0]
+    for i in range(n_tasks):
+        part = f"{i:05d}"
+        marker = _task_marker(run_id, part)
+        if resuming and storage.exists(marker):
+            results[part] = json.loads(storage.read_text(marker))
+            continue
+        key = f"{layout.crawl_prefix(run_id)}worklist/part-{part}.parquet"
+        storage.write_table(key, pa.Table.from_pandas(worklist.iloc[bounds[i]:bounds[i + 1]], schema=WORKLIST,
+                                                      preserve_index=False))
+        tasks.append(CrawlTask(settings.warehouse, settings.s3, settings.crawl, run_id, part, key))
+    from pipelines.spark import run_tasks
+
+    for counts in run_tasks(crawl_task, tasks, runner=runner, spark=spark, description="crawl",
+                            job_group=f"crawl-{run_id}"):
+        results[counts["part"]] = counts
+
+    summary = CrawlSummary(run_id=run_id, manifest_uri=manifest_uri, previous_run_id=previous,
+                           categories=sorted(categories) if categories else None, manifest_rows=len(frame),
+                           out_of_scope=out_of_scope, tasks=n_tasks, tasks_resumed=n_tasks - len(tasks))
+    _write_driver_rows(storage, run_id, rejected, frame, prev_state, categories, summary)
+    reasons, stale_reasons, per_category = Counter(summary.quarantine_reasons), Counter(), {}
+    for counts in results.values():
+        kinds = counts["kinds"]
+        summary.fetched += kinds.get("fetched", 0)
+        summary.not_modified += kinds.get("not_modified", 0)
+        summary.stale += kinds.get("stale", 0)
+        summary.quarantined += kinds.get("quarantined", 0)
+        reasons.update(counts["quarantine_reasons"])
+        stale_reasons.update(counts["stale_reasons"])
+        summary.bytes_downloaded += counts["bytes_downloaded"]
+        for category, kinds_ in counts["per_category"].items():
+            per_category.setdefault(category, Counter()).update(kinds_)
+    for _, row in rejected.iterrows():
+        per_category.setdefault(str(row["category"]), Counter())["quarantined"] += 1
+    summary.quarantine_reasons = dict(sorted(reasons.items()))
+    summary.stale_reasons = dict(sorted(stale_reasons.items()))
+    summary.per_category = {c: dict(v) for c, v in sorted(per_category.items())}
+    summary.elapsed_s = round(time.monotonic() - started, 3)
+    if summary.accounted != summary.manifest_rows:
+        raise CrawlError(f"accounting mismatch in run {run_id}: {summary.accounted} rows accounted for, "
+                         f"{summary.manifest_rows} in the manifest; outputs are not committed")
+    storage.write_text(f"{layout.crawl_prefix(run_id)}summary.json", summary.to_json())
+    storage.write_text(layout.crawl_success_key(run_id), summary.to_json())  # commit marker, written last
+    return summary
+
+
+def _clear_run_outputs(storage: Storage, run_id: str) -> None:
+    """A fresh attempt at run_id replaces that run's outputs and nothing else."""
+    storage.delete_prefix(layout.crawl_prefix(run_id))
+    storage.delete_prefix(layout.quarantine_prefix(run_id, "crawl"))
+    for segment in storage.list_dirs("images"):
+        storage.delete_prefix(f"images/{segment}/run_id={run_id}/")
+
+
+def _write_driver_rows(storage: Storage, run_id: str, rejected: pd.DataFrame, manifest: pd.DataFrame,
+                       prev_state: pd.DataFrame, categories: list[str] | None, summary: CrawlSummary) -> None:
+    """Rows decided on the driver: manifest rows quarantined before fetching, images gone from
+    the manifest (removed), and images of categories outside this run's scope (carried)."""
+    now = _now()
+    quarantine = [{"run_id": run_id, "stage": "crawl", "reason": r.reason, "detail": r.detail,
+                   "row_index": int(r.row_index), "product_id": _text(r.product_id), "category": _text(r.category),
+                   "image_url": _text(r.image_url), "at": now} for r in rejected.itertuples()]
+    storage.write_table(f"{layout.quarantine_prefix(run_id, 'crawl')}part-driver.parquet", _table(quarantine, QUARANTINE))
+    summary.quarantined += len(quarantine)
+    summary.quarantine_reasons = dict(Counter(r["reason"] for r in quarantine))
+
+    scope = prev_state if not categories else prev_state[prev_state["category"].isin(categories)]
+    carried = prev_state.iloc[0:0] if not categories else prev_state[~prev_state["category"].isin(categories)]
+    live = set(zip(manifest["product_id"].astype(str).str.strip(), manifest["image_url"].astype(str).str.strip()))
+    is_gone = pd.Series([key not in live for key in zip(scope["product_id"], scope["image_url"])],
+                        index=scope.index, dtype=bool)
+    gone = scope[is_gone]
+    removed = gone.assign(status="removed", checked_at=now, run_id=run_id)
+    carried = carried.assign(status="carried", run_id=run_id)
+    storage.write_table(f"{layout.crawl_state_prefix(run_id)}part-removed.parquet",
+                        pa.Table.from_pandas(removed, schema=IMAGE_STATE, preserve_index=False))
+    storage.write_table(f"{layout.crawl_state_prefix(run_id)}part-carried.parquet",
+                        pa.Table.from_pandas(carried, schema=IMAGE_STATE, preserve_index=False))
+    summary.removed, summary.carried = len(removed), len(carried)
+
+
+def _text(value) -> str | None:
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA else str(value)

@@ -1,0 +1,109 @@
+"""Spark session and task dispatch shared by every stage.
+
+A stage's work is a plain picklable function over one task description (a slice of
+rows, a shard...). `run_tasks` decides where the tasks run: on Spark (a local[*]
+session started here, or the cluster that spark-submit gave us), or sequentially in
+this process (`runner="local"`, handy for debugging). Stage code never depends on which.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from pipelines.config import Settings
+from pipelines.progress import make_progress
+
+INFRA_SPARK = Path(__file__).resolve().parents[1] / "infra" / "spark"
+
+
+def read_profile(profile: str) -> dict[str, str]:
+    """spark-defaults style `key value` lines from infra/spark/<profile>.conf (or a path)."""
+    path = Path(profile) if profile.endswith(".conf") else INFRA_SPARK / f"{profile}.conf"
+    if not path.is_file():
+        return {}
+    conf = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            key, _, value = line.partition(" ")
+            conf[key.strip()] = value.strip()
+    return conf
+
+
+def get_spark(settings: Settings, app_name: str):
+    """The active SparkSession (spark-submit) or a new one from settings.spark."""
+    from pyspark.sql import SparkSession
+
+    active = SparkSession.getActiveSession()
+    if active is not None:
+        return active
+    # Executors must run the same interpreter (the project's venv) as the driver.
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    builder = SparkSession.builder.appName(app_name)
+    if "PYSPARK_GATEWAY_PORT" in os.environ:
+        conf = dict(settings.spark.conf)  # under spark-submit: its --master/--properties-file decide
+    else:
+        builder = builder.master(settings.spark.master)
+        conf = {**read_profile(settings.spark.profile), **settings.spark.conf}
+    log4j = INFRA_SPARK / "log4j2.properties"
+    if log4j.is_file():
+        # Keep Spark's own INFO/WARN chatter out of the user's terminal.
+        conf.setdefault("spark.driver.extraJavaOptions", f"-Dlog4j.configurationFile=file:{log4j}")
+        conf.setdefault("spark.executor.extraJavaOptions", f"-Dlog4j.configurationFile=file:{log4j}")
+    for key, value in conf.items():
+        builder = builder.config(key, value)
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel(settings.spark.log_level)
+    return spark
+
+
+def run_tasks(fn: Callable[[Any], Any], tasks: Sequence[Any], *, runner: str = "spark", spark=None,
+              description: str = "working", job_group: str | None = None) -> list[Any]:
+    """Run fn over every task, one Spark task each, and return the results in task order."""
+    if not tasks:
+        return []
+    if runner == "local":
+        results = []
+        with make_progress() as progress:
+            bar = progress.add_task(description, total=len(tasks))
+            for task in tasks:
+                results.append(fn(task))
+                progress.advance(bar)
+        return results
+    if spark is None:
+        raise ValueError("runner='spark' needs a SparkSession")
+    sc = spark.sparkContext
+    if job_group:
+        sc.setJobGroup(job_group, description)
+    rdd = sc.parallelize(list(enumerate(tasks)), len(tasks)).map(lambda item: (item[0], fn(item[1])))
+    done = threading.Event()
+    watcher = threading.Thread(target=_watch_spark_progress, args=(sc, description, len(tasks), done), daemon=True)
+    watcher.start()
+    try:
+        pairs = rdd.collect()
+    finally:
+        done.set()
+        watcher.join(timeout=5)
+    return [result for _, result in sorted(pairs, key=lambda p: p[0])]
+
+
+def _watch_spark_progress(sc, description: str, total: int, done: threading.Event) -> None:
+    """Show completed Spark tasks of the running job as a progress bar (driver side)."""
+    tracker = sc.statusTracker()
+    with make_progress() as progress:
+        bar = progress.add_task(description, total=total)
+        while True:
+            finished = done.wait(0.5)
+            completed = 0
+            for stage_id in tracker.getActiveStageIds():
+                info = tracker.getStageInfo(stage_id)
+                if info is not None:
+                    completed = max(completed, info.numCompletedTasks)
+            progress.update(bar, completed=total if finished else completed)
+            if finished:
+                return

@@ -1,0 +1,344 @@
+"""The warehouse: one small key/value interface over a local directory or an S3 bucket.
+
+Every stage reads and writes the warehouse through `Storage`, never through Spark's
+Hadoop filesystems: Spark tasks write their own part files with boto3, so the same code
+runs against a laptop directory, AWS S3 or any S3-compatible store without hadoop-aws jars.
+Keys are '/'-separated paths relative to the warehouse root (`runs/<id>/manifest.parquet`).
+
+This module must never hold state that cannot be pickled into a Spark task: a Storage is
+rebuilt from (uri, S3Settings) and opens its boto3 client lazily.
+"""
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterable, Iterator
+from urllib.parse import unquote, urlparse
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipelines.config import S3Settings
+
+
+class StorageError(RuntimeError):
+    """A warehouse operation failed; the message names the URI and what to check."""
+
+
+class Storage:
+    """Interface shared by LocalStorage and S3Storage."""
+
+    uri: str
+
+    # -- primitives each backend implements -------------------------------------------
+    def read_bytes(self, key: str) -> bytes: raise NotImplementedError
+    def write_bytes(self, key: str, data: bytes) -> None: raise NotImplementedError
+    def exists(self, key: str) -> bool: raise NotImplementedError
+    def list(self, prefix: str = "") -> list[str]: raise NotImplementedError
+    def list_dirs(self, prefix: str) -> list[str]: raise NotImplementedError
+    def delete(self, key: str) -> None: raise NotImplementedError
+    def upload_file(self, local_path: str | os.PathLike, key: str) -> None: raise NotImplementedError
+    def download_file(self, key: str, local_path: str | os.PathLike) -> None: raise NotImplementedError
+
+    # -- shared helpers ---------------------------------------------------------------
+    def uri_for(self, key: str) -> str:
+        return f"{self.uri.rstrip('/')}/{key.lstrip('/')}"
+
+    def delete_prefix(self, prefix: str) -> int:
+        keys = self.list(prefix)
+        for key in keys:
+            self.delete(key)
+        return len(keys)
+
+    def read_text(self, key: str) -> str:
+        return self.read_bytes(key).decode("utf-8")
+
+    def write_text(self, key: str, text: str) -> None:
+        self.write_bytes(key, text.encode("utf-8"))
+
+    def write_table(self, key: str, table: pa.Table, compression: str = "zstd") -> None:
+        sink = io.BytesIO()
+        pq.write_table(table, sink, compression=compression)
+        self.write_bytes(key, sink.getvalue())
+
+    def read_table(self, key_or_prefix: str, columns: list[str] | None = None,
+                   schema: pa.Schema | None = None) -> pa.Table:
+        """Read one Parquet file, or every `.parquet` file under a prefix, as one table.
+
+        `schema` gives the result for an empty prefix and the type every part is cast to.
+        """
+        keys = [key_or_prefix] if key_or_prefix.endswith(".parquet") else [
+            k for k in self.list(key_or_prefix) if k.endswith(".parquet")]
+        tables = [self.read_parquet_file(k, columns) for k in sorted(keys)]
+        if schema is not None:
+            target = pa.schema([schema.field(c) for c in columns]) if columns else schema
+            tables = [t.select(target.names).cast(target) for t in tables]
+            if not tables:
+                return target.empty_table()
+        if not tables:
+            raise StorageError(f"no Parquet files under {self.uri_for(key_or_prefix)}")
+        return pa.concat_tables(tables)
+
+    def read_parquet_file(self, key: str, columns: list[str] | None = None) -> pa.Table:
+        return pq.read_table(pa.BufferReader(self.read_bytes(key)), columns=columns)
+
+
+class LocalStorage(Storage):
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root).expanduser().resolve()
+        self.uri = self.root.as_uri()
+
+    def _path(self, key: str) -> Path:
+        path = (self.root / key.lstrip("/")).resolve()
+        if path != self.root and self.root not in path.parents:
+            raise StorageError(f"key {key!r} escapes the warehouse root {self.root}")
+        return path
+
+    def read_bytes(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError as exc:
+            raise StorageError(f"{self.uri_for(key)} does not exist") from exc
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        # Write-then-rename: a reader never sees half a file, a killed writer leaves no file.
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def list(self, prefix: str = "") -> list[str]:
+        base = self._path(prefix) if prefix else self.root
+        if base.is_file():
+            return [prefix]
+        # A prefix may end mid-name (like S3): list the parent and filter.
+        search = base if base.is_dir() else base.parent
+        if not search.is_dir():
+            return []
+        keys = []
+        for path in search.rglob("*"):
+            if path.is_file() and not path.name.startswith("."):
+                key = path.relative_to(self.root).as_posix()
+                if key.startswith(prefix.lstrip("/")):
+                    keys.append(key)
+        return sorted(keys)
+
+    def list_dirs(self, prefix: str) -> list[str]:
+        base = self._path(prefix)
+        if not base.is_dir():
+            return []
+        return sorted(p.name for p in base.iterdir() if p.is_dir())
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    def delete_prefix(self, prefix: str) -> int:
+        path = self._path(prefix)
+        if path.is_dir():
+            count = sum(1 for p in path.rglob("*") if p.is_file())
+            shutil.rmtree(path)
+            return count
+        return super().delete_prefix(prefix)
+
+    def upload_file(self, local_path, key: str) -> None:
+        self.write_bytes(key, Path(local_path).read_bytes())
+
+    def download_file(self, key: str, local_path) -> None:
+        Path(local_path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(self._path(key), local_path)
+
+
+class S3Storage(Storage):
+    def __init__(self, bucket: str, prefix: str, settings: S3Settings | None = None):
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.settings = settings or S3Settings()
+        self.uri = f"s3://{bucket}/{self.prefix}".rstrip("/")
+        self._client = None
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_client"] = None  # boto3 clients do not pickle; each Spark task opens its own
+        return state
+
+    @property
+    def client(self):
+        if self._client is None:
+            import boto3
+            from botocore.config import Config
+
+            config = Config(retries={"max_attempts": self.settings.max_attempts, "mode": "standard"},
+                            s3={"addressing_style": "path"} if self.settings.endpoint_url else None,
+                            max_pool_connections=32)
+            self._client = boto3.session.Session().client(
+                "s3", endpoint_url=self.settings.endpoint_url, region_name=self.settings.region, config=config)
+        return self._client
+
+    @property
+    def _transfer_config(self):
+        from boto3.s3.transfer import TransferConfig
+
+        mb = 1024 * 1024
+        return TransferConfig(multipart_threshold=self.settings.multipart_threshold_mb * mb,
+                              multipart_chunksize=self.settings.multipart_chunk_mb * mb)
+
+    def _key(self, key: str) -> str:
+        key = key.lstrip("/")
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _errors(self, action: str, key: str):
+        return _S3ErrorContext(self, action, key)
+
+    def read_bytes(self, key: str) -> bytes:
+        with self._errors("read", key):
+            return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        # S3 PUTs are atomic per object: readers see the old object or the new one.
+        with self._errors("write", key):
+            self.client.upload_fileobj(io.BytesIO(data), self.bucket, self._key(key), Config=self._transfer_config)
+
+    def exists(self, key: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+            return True
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise StorageError(f"cannot check {self.uri_for(key)}: {exc}") from exc
+
+    def _paginate(self, prefix: str, delimiter: str | None = None) -> Iterator[dict]:
+        kwargs = {"Bucket": self.bucket, "Prefix": self._key(prefix) if prefix else (self.prefix + "/" if self.prefix else "")}
+        if delimiter:
+            kwargs["Delimiter"] = delimiter
+        with self._errors("list", prefix):
+            yield from self.client.get_paginator("list_objects_v2").paginate(**kwargs)
+
+    def list(self, prefix: str = "") -> list[str]:
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        return sorted(obj["Key"][strip:] for page in self._paginate(prefix) for obj in page.get("Contents", []))
+
+    def list_dirs(self, prefix: str) -> list[str]:
+        prefix = prefix.rstrip("/") + "/"
+        names = []
+        for page in self._paginate(prefix, delimiter="/"):
+            for common in page.get("CommonPrefixes", []):
+                names.append(common["Prefix"].rstrip("/").rsplit("/", 1)[-1])
+        return sorted(names)
+
+    def delete(self, key: str) -> None:
+        with self._errors("delete", key):
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+
+    def delete_prefix(self, prefix: str) -> int:
+        keys = self.list(prefix)
+        for start in range(0, len(keys), 1000):
+            batch = [{"Key": self._key(k)} for k in keys[start:start + 1000]]
+            with self._errors("delete", prefix):
+                self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+        return len(keys)
+
+    def upload_file(self, local_path, key: str) -> None:
+        with self._errors("upload", key):
+            self.client.upload_file(str(local_path), self.bucket, self._key(key), Config=self._transfer_config)
+
+    def download_file(self, key: str, local_path) -> None:
+        Path(local_path).parent.mkdir(parents=True, exist_ok=True)
+        with self._errors("download", key):
+            self.client.download_file(self.bucket, self._key(key), str(local_path), Config=self._transfer_config)
+
+
+class _S3ErrorContext:
+    """Turns botocore errors into StorageError messages that say what to check."""
+
+    def __init__(self, storage: S3Storage, action: str, key: str):
+        self.storage, self.action, self.key = storage, action, key
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc is None or isinstance(exc, StorageError):
+            return False
+        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+        uri = self.storage.uri_for(self.key)
+        if isinstance(exc, ClientError):
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code in ("NoSuchKey", "404", "NotFound"):
+                raise StorageError(f"{uri} does not exist") from exc
+            if code == "NoSuchBucket":
+                raise StorageError(f"bucket {self.storage.bucket!r} does not exist (warehouse {self.storage.uri}); "
+                                   "create it or fix the warehouse URI") from exc
+            if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+                raise StorageError(f"access denied to {self.action} {uri}: check AWS credentials "
+                                   "(AWS_PROFILE / AWS_ACCESS_KEY_ID) and the bucket policy") from exc
+            raise StorageError(f"S3 {self.action} of {uri} failed: {code}: {exc}") from exc
+        if isinstance(exc, NoCredentialsError):
+            raise StorageError(f"no AWS credentials found to {self.action} {uri}: set AWS_PROFILE or "
+                               "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY") from exc
+        if isinstance(exc, BotoCoreError):
+            raise StorageError(f"S3 {self.action} of {uri} failed: {exc} "
+                               f"(endpoint: {self.storage.settings.endpoint_url or 'AWS'})") from exc
+        return False
+
+
+def open_storage(uri: str, s3: S3Settings | None = None) -> Storage:
+    """Open a warehouse from `file:///path`, a plain path, or `s3://bucket/prefix`."""
+    parsed = urlparse(uri)
+    if parsed.scheme in ("", "file"):
+        path = unquote(parsed.path) if parsed.scheme == "file" else uri
+        if parsed.scheme == "file" and parsed.netloc not in ("", "localhost"):
+            raise StorageError(f"file URI {uri!r} names a host; use file:///absolute/path")
+        return LocalStorage(path)
+    if parsed.scheme in ("s3", "s3a"):
+        if not parsed.netloc:
+            raise StorageError(f"S3 URI {uri!r} has no bucket; use s3://bucket/prefix")
+        return S3Storage(parsed.netloc, parsed.path, s3)
+    raise StorageError(f"unsupported warehouse URI {uri!r}: use file:///path or s3://bucket/prefix")
+
+
+def read_uri_bytes(uri: str, s3: S3Settings | None = None, timeout_s: float = 60.0) -> bytes:
+    """Read one whole object named by a URI: a local path, file://, http(s):// or s3://."""
+    parsed = urlparse(uri)
+    if parsed.scheme in ("http", "https"):
+        import requests
+
+        response = requests.get(uri, timeout=timeout_s)
+        if response.status_code != 200:
+            raise StorageError(f"GET {uri} answered HTTP {response.status_code}")
+        return response.content
+    if parsed.scheme in ("s3", "s3a"):
+        bucket_prefix, _, name = parsed.path.rpartition("/")
+        return S3Storage(parsed.netloc, bucket_prefix, s3).read_bytes(name)
+    if parsed.scheme in ("", "file"):
+        path = Path(unquote(parsed.path) if parsed.scheme == "file" else uri)
+        if not path.is_file():
+            raise StorageError(f"{path} does not exist")
+        return path.read_bytes()
+    raise StorageError(f"unsupported URI scheme in {uri!r} (use a path, file://, http(s):// or s3://)")
+
+
+def iter_chunks(items: Iterable, size: int) -> Iterator[list]:
+    chunk = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
