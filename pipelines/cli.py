@@ -44,11 +44,12 @@ def _settings(args: argparse.Namespace, **extra):
 
 
 def _spark_for(args, settings, app_name: str):
+    """A factory, so that stages start Spark only once their input has been checked."""
     if args.runner == "local":
         return None
     from pipelines.spark import get_spark
 
-    return get_spark(settings, app_name)
+    return lambda: get_spark(settings, app_name)
 
 
 # ---------------------------------------------------------------------------------------

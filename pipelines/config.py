@@ -23,7 +23,11 @@ class ConfigError(ValueError):
     """A setting is missing or malformed; the message says which and where it came from."""
 
 
-class S3Settings(BaseModel):
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt setting is an error, not silently ignored
+
+
+class S3Settings(_Section):
     endpoint_url: str | None = Field(
         None, description="S3-compatible endpoint (MinIO, moto, Ceph...). None = AWS.")
     region: str | None = Field(None, description="AWS region; None = the credential chain's default.")
@@ -32,14 +36,14 @@ class S3Settings(BaseModel):
     multipart_chunk_mb: int = Field(16, ge=5)
 
 
-class SparkSettings(BaseModel):
+class SparkSettings(_Section):
     master: str = Field("local[*]", description="Spark master URL used when a job starts its own session.")
     profile: str = Field("local", description="Spark profile file in infra/spark/<profile>.conf.")
     log_level: str = Field("ERROR", description="Spark's own log level (WARN/INFO to debug Spark itself).")
     conf: dict[str, str] = Field(default_factory=dict, description="Extra spark.* settings.")
 
 
-class CrawlSettings(BaseModel):
+class CrawlSettings(_Section):
     connect_timeout_s: float = Field(5.0, gt=0)
     read_timeout_s: float = Field(15.0, gt=0, description="Longest silence between two received chunks.")
     total_timeout_s: float = Field(60.0, gt=0, description="Whole-response deadline (stops trickling servers).")
@@ -62,9 +66,7 @@ class CrawlSettings(BaseModel):
         default_factory=list, description="CIDRs allowed even though they are not public (e.g. an internal CDN).")
 
 
-class Settings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class Settings(_Section):
     warehouse: str = Field(DEFAULT_WAREHOUSE, description="file:///path or s3://bucket/prefix")
     s3: S3Settings = Field(default_factory=S3Settings)
     spark: SparkSettings = Field(default_factory=SparkSettings)
@@ -90,9 +92,11 @@ def _env_overrides() -> dict[str, Any]:
     prefix = "CATALOG_INDEX_"
     nested: dict[str, Any] = {}
     for name, value in os.environ.items():
-        if not name.startswith(prefix) or name == "CATALOG_INDEX_CONFIG":
+        if not name.startswith(prefix):
             continue
         path = name[len(prefix):].lower().split("__")
+        if path[0] not in Settings.model_fields:
+            continue  # CATALOG_INDEX_CONFIG, CATALOG_INDEX_NO_PROGRESS: not settings
         node = nested
         for part in path[:-1]:
             node = node.setdefault(part, {})

@@ -234,6 +234,29 @@ def read_crawl_state(storage: Storage, run_id: str, columns: list[str] | None = 
     return storage.read_table(layout.crawl_state_prefix(run_id), columns=columns, schema=IMAGE_STATE).to_pandas()
 
 
+LIVE_STATUSES = ("fetched", "not_modified", "stale", "carried")
+
+
+def read_current_images(storage: Storage, run_id: str, categories: list[str] | None = None,
+                        with_bytes: bool = False) -> pd.DataFrame:
+    """The catalog's images as of committed crawl run `run_id`: one row per (product, image URL)
+    that is live (not removed), optionally with the bytes read from where they are stored."""
+    if not storage.exists(layout.crawl_success_key(run_id)):
+        raise CrawlError(f"crawl run {run_id} is not committed in {storage.uri} (no {layout.crawl_success_key(run_id)})")
+    state = read_crawl_state(storage, run_id)
+    state = state[state["status"].isin(LIVE_STATUSES)]
+    if categories:
+        state = state[state["category"].isin(categories)]
+    state = state.reset_index(drop=True)
+    if with_bytes:
+        blobs = {}
+        for key in sorted(state["stored_key"].dropna().unique()):
+            part = storage.read_parquet_file(key, columns=["sha256", "image"]).to_pydict()
+            blobs.update(zip(part["sha256"], part["image"]))
+        state["image"] = [blobs.get(sha) for sha in state["sha256"]]
+    return state
+
+
 def _digest(frame: pd.DataFrame, extra: dict) -> str:
     h = hashlib.sha256(pd.util.hash_pandas_object(frame.astype(str), index=False).values.tobytes())
     h.update(json.dumps(extra, sort_keys=True).encode())
@@ -267,6 +290,8 @@ def run_crawl(settings: Settings, manifest_uri: str, run_id: str, *, categories:
     worklist = to_crawl.merge(prev_cols, on=["product_id", "image_url"], how="left")
     worklist = worklist.sort_values(["category", "row_index"], kind="stable").reset_index(drop=True)
 
+    if runner == "spark" and callable(spark):
+        spark = spark()  # started only now: a bad manifest fails in a second, not after Spark's start-up
     parallelism = spark.sparkContext.defaultParallelism if (runner == "spark" and spark is not None) else 1
     n_tasks = plan_task_count(len(worklist), settings.crawl.rows_per_task, parallelism)
     plan = {"manifest_digest": _digest(frame, {"categories": sorted(categories or [])}), "previous_run_id": previous,

@@ -50,8 +50,10 @@ def read_manifest(uri: str, s3: S3Settings | None = None) -> pa.Table:
         raise ManifestError(f"cannot read manifest: {exc}") from exc
     name = PurePosixPath(urlsplit(uri).path).name
     compression = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd"}.get(PurePosixPath(name).suffix)
-    stream = pa.input_stream(pa.BufferReader(raw), compression=compression) if compression else pa.BufferReader(raw)
     try:
+        if compression:
+            raw = pa.input_stream(pa.BufferReader(raw), compression=compression).read()
+        stream = pa.BufferReader(raw)
         if fmt == "csv":
             delimiter = "\t" if ".tsv" in name.lower() else ","
             # Every column as text: ids like 00123 must keep their zeros.

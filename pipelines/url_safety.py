@@ -49,12 +49,12 @@ def address_block_reason(address: str) -> str | None:
         return "loopback address"
     if ip.is_link_local:
         return "link-local address"
+    if ip.is_unspecified:
+        return "unspecified address"
     if ip.is_private:
         return "private address"
     if ip.is_multicast:
         return "multicast address"
-    if ip.is_unspecified:
-        return "unspecified address"
     if ip.is_reserved:
         return "reserved address"
     if not ip.is_global:

@@ -1,0 +1,118 @@
+"""Shared fixtures: real local Spark, a real HTTP fault server, S3 spoken over HTTP to moto.
+
+Nothing here sends traffic outside 127.0.0.0/8.
+"""
+from __future__ import annotations
+
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from pipelines.config import S3Settings, load_settings
+
+sys.path.insert(0, str(Path(__file__).parent))
+from fault_server import FaultServer  # noqa: E402
+
+os.environ.setdefault("CATALOG_INDEX_NO_PROGRESS", "1")
+
+
+def make_png(color=(200, 30, 30), size=(64, 48), pattern: int = 0) -> bytes:
+    """A small PNG; `pattern` draws distinct stripes so images differ beyond colour."""
+    image = Image.new("RGB", size, color)
+    for x in range(0, size[0], 4 + pattern % 7):
+        for y in range(size[1]):
+            image.putpixel((x, y), ((color[0] + 90) % 256, (color[1] + pattern * 17) % 256, color[2]))
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def make_noise_png(size=(120, 120), seed: int = 0) -> bytes:
+    """A PNG that does not compress: for byte-size limits."""
+    import random
+
+    rng = random.Random(seed)
+    image = Image.frombytes("RGB", size, bytes(rng.getrandbits(8) for _ in range(size[0] * size[1] * 3)))
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def make_jpeg(color=(30, 120, 200), size=(80, 60)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def fault_server():
+    server = FaultServer().start()
+    yield server
+    server.stop()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint():
+    """A moto S3-compatible server in its own process, spoken to over HTTP."""
+    port = _free_port()
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"}
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                break
+        except OSError:
+            time.sleep(0.2)
+    else:
+        proc.kill()
+        pytest.fail("moto_server did not start")
+    yield endpoint
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _aws_env():
+    # Credentials for the local moto server only; never real AWS.
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "test")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "test")
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+
+
+@pytest.fixture
+def s3_bucket(moto_endpoint):
+    """A fresh bucket on the moto server; returns (bucket name, S3Settings)."""
+    import boto3
+
+    settings = S3Settings(endpoint_url=moto_endpoint, region="us-east-1")
+    bucket = f"test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
+    return bucket, settings
+
+
+@pytest.fixture(scope="session")
+def spark():
+    """One real local Spark session for the test run (2 cores)."""
+    settings = load_settings(spark={"master": "local[2]", "conf": {"spark.sql.shuffle.partitions": "2"}})
+    from pipelines.spark import get_spark
+
+    session = get_spark(settings, "catalog-index-tests")
+    yield session
+    session.stop()

@@ -1,0 +1,40 @@
+"""Settings precedence: defaults < YAML file < env vars < flags; errors name the setting."""
+import pytest
+
+from pipelines.config import ConfigError, load_settings
+
+
+def test_precedence(tmp_path, monkeypatch):
+    cfg = tmp_path / "c.yml"
+    cfg.write_text("warehouse: s3://from-file/wh\ncrawl:\n  retries: 7\n  concurrency: 3\n"
+                   "s3:\n  endpoint_url: http://127.0.0.1:9000\n")
+    assert load_settings(cfg).crawl.retries == 7
+    monkeypatch.setenv("CATALOG_INDEX_CRAWL__RETRIES", "5")
+    monkeypatch.setenv("CATALOG_INDEX_CRAWL__ALLOW_NETWORKS", '["10.0.0.0/8"]')
+    settings = load_settings(cfg, crawl={"concurrency": 9, "max_bytes": None})
+    assert settings.warehouse == "s3://from-file/wh"           # file
+    assert settings.crawl.retries == 5                          # env beats file
+    assert settings.crawl.concurrency == 9                      # flag beats file
+    assert settings.crawl.max_bytes == 25_000_000               # unset flag keeps the default
+    assert settings.crawl.allow_networks == ["10.0.0.0/8"]
+    assert settings.s3.endpoint_url == "http://127.0.0.1:9000"
+
+
+def test_config_file_from_env(tmp_path, monkeypatch):
+    cfg = tmp_path / "c.yml"
+    cfg.write_text("spark:\n  master: local[1]\n")
+    monkeypatch.setenv("CATALOG_INDEX_CONFIG", str(cfg))
+    assert load_settings().spark.master == "local[1]"
+
+
+def test_errors_name_the_setting(tmp_path, monkeypatch):
+    monkeypatch.setenv("CATALOG_INDEX_CRAWL__RETRIES", "lots")
+    with pytest.raises(ConfigError, match="crawl.retries"):
+        load_settings()
+    monkeypatch.delenv("CATALOG_INDEX_CRAWL__RETRIES")
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings(tmp_path / "missing.yml")
+    bad = tmp_path / "bad.yml"
+    bad.write_text("crawl:\n  retrys: 3\n")
+    with pytest.raises(ConfigError, match="crawl.retrys"):
+        load_settings(bad)

@@ -1,0 +1,236 @@
+"""Crawl stage end to end: real local Spark, a real misbehaving HTTP server, S3 over HTTP."""
+import csv
+import hashlib
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import make_jpeg, make_png
+from pipelines import layout
+from pipelines.config import load_settings
+from pipelines.crawl import read_crawl_state, read_current_images, run_crawl
+from pipelines.storage import open_storage
+from test_image_check import png_header_only
+
+pytestmark = pytest.mark.spark
+
+
+def write_manifest(path: Path, rows: list[tuple]) -> str:
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["product_id", "category", "image_url", "title"])
+        writer.writerows(rows)
+    return str(path)
+
+
+def settings_for(warehouse: str, **crawl):
+    return load_settings(warehouse=warehouse, crawl={"allow_private_hosts": True, "retries": 1, "backoff_s": 0.01,
+                                                     "read_timeout_s": 1, "total_timeout_s": 2, "rows_per_task": 4,
+                                                     "max_pixels": 5_000_000, **crawl})
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def catalog(fault_server, tmp_path):
+    """A catalog with good images in two categories and one of every kind of bad row."""
+    good = {f"g{i}.png": make_png(color=(20 * i, 100, 50), pattern=i) for i in range(6)}
+    good["photo.jpg"] = make_jpeg()
+    for name, data in good.items():
+        fault_server.put(name, data)
+    fault_server.put("bomb.png", png_header_only(30_000, 30_000))
+    fault_server.put("vector.svg", b'<svg xmlns="http://www.w3.org/2000/svg"></svg>')
+    fault_server.put("cut.png", make_png(size=(300, 200), pattern=4))
+    fault_server.put("crawl.png", make_png(size=(300, 300), pattern=6))
+    u = fault_server.url
+    rows = [(f"p{i}", "food" if i < 3 else "tools", u(f"img/g{i}.png"), f"item {i}") for i in range(6)]
+    rows += [
+        ("p6", "tools", u("img/photo.jpg"), "jpeg"),
+        ("p6", "tools", u("img/photo.jpg"), "same row again"),          # duplicate_row
+        ("p7", "tools", u("img/g0.png"), "another product, same image"),  # kept: 2 products share an image
+        ("", "tools", u("img/g1.png"), "no product id"),                  # missing_field
+        ("b1", "food", u("status/404"), ""),
+        ("b2", "food", u("status/500"), ""),
+        ("b3", "food", u("html-as-jpeg"), ""),
+        ("b4", "food", u("empty"), ""),
+        ("b5", "food", u("lying-length/cut.png"), ""),
+        ("b6", "food", u("img/bomb.png"), ""),
+        ("b7", "food", u("img/vector.svg"), ""),
+        ("b8", "food", "htp:/broken url", ""),
+        ("b9", "food", f"http://127.0.0.1:{closed_port()}/x.png", ""),
+        ("b10", "food", u("slow/crawl.png"), ""),
+    ]
+    return write_manifest(tmp_path / "catalog.csv", rows), good
+
+
+EXPECTED_REASONS = {"duplicate_row": 1, "missing_field": 1, "http_404": 1, "http_500": 1, "not_an_image": 1,
+                    "empty_body": 1, "decompression_bomb": 1, "unsupported_format": 1, "bad_url": 1,
+                    "connection_error": 1, "timeout": 1}
+
+
+def test_every_row_is_accounted_for(spark, catalog, tmp_path):
+    manifest, good = catalog
+    warehouse = (tmp_path / "wh").as_uri()
+    summary = run_crawl(settings_for(warehouse), manifest, "20261101T000000Z", spark=spark)
+
+    assert summary.manifest_rows == 20
+    assert summary.fetched == 8
+    reasons = dict(summary.quarantine_reasons)
+    truncated = reasons.pop("truncated", 0) + reasons.pop("connection_error", 0) - 1
+    assert truncated == 1, summary.quarantine_reasons  # the lying Content-Length
+    assert {**reasons, "connection_error": 1} == EXPECTED_REASONS
+    assert summary.accounted == summary.manifest_rows == summary.fetched + summary.quarantined
+
+    storage = open_storage(warehouse)
+    quarantine = storage.read_table(layout.quarantine_prefix(summary.run_id, "crawl")).to_pandas()
+    assert len(quarantine) == summary.quarantined
+    assert set(quarantine["product_id"].fillna("")) >= {"b1", "b2", "b3", "b4", "b5", "b6", "b7", "b8", "b9", "b10", ""}
+    assert (quarantine["stage"] == "crawl").all() and quarantine["detail"].notna().all()
+
+    images = read_current_images(storage, summary.run_id, with_bytes=True)
+    assert sorted(images["product_id"]) == ["p0", "p1", "p2", "p3", "p4", "p5", "p6", "p7"]
+    for row in images.itertuples():
+        assert hashlib.sha256(row.image).hexdigest() == row.sha256
+        assert row.image == good[row.image_url.rsplit("/", 1)[1]]
+    jpeg = images.set_index("product_id").loc["p6"]
+    assert (jpeg.format, jpeg.width, jpeg.height) == ("JPEG", 80, 60)
+
+    # A category can be read alone: its own partition folder.
+    food = storage.list(layout.images_category_prefix("food"))
+    assert food and all(f"run_id={summary.run_id}/" in key for key in food)
+    assert set(read_current_images(storage, summary.run_id, categories=["tools"])["category"]) == {"tools"}
+
+
+def test_second_crawl_is_incremental(spark, fault_server, tmp_path):
+    for i in range(5):
+        fault_server.put(f"i{i}.png", make_png(color=(40 * i, 80, 90), pattern=i))
+    rows = [(f"p{i}", "food", fault_server.url(f"img/i{i}.png"), "") for i in range(5)]
+    warehouse = (tmp_path / "wh").as_uri()
+    settings = settings_for(warehouse)
+    first = run_crawl(settings, write_manifest(tmp_path / "m1.csv", rows), "20261101T000000Z", spark=spark)
+    assert first.fetched == 5
+    fault_server.log.clear()
+
+    # Night two: i1 changed, i2 is failing (503), p4 left the catalog, p5 is new.
+    fault_server.put("i1.png", make_png(color=(1, 2, 3), pattern=9))
+    fault_server.put("i5.png", make_png(color=(9, 9, 9), pattern=2))
+    night2 = rows[:4] + [("p5", "food", fault_server.url("img/i5.png"), "")]
+    storage = open_storage(warehouse)
+    fault_server.files["i2.png"] = None  # answered with 503 below
+    original = fault_server.httpd.RequestHandlerClass._image
+
+    def busy_for_missing(handler, name):
+        if fault_server.files.get(name) is None:
+            return handler._send(503, b"busy", content_type="text/plain")
+        return original(handler, name)
+
+    fault_server.httpd.RequestHandlerClass._image = busy_for_missing
+    second = run_crawl(settings, write_manifest(tmp_path / "m2.csv", night2), "20261102T000000Z", spark=spark)
+
+    assert second.previous_run_id == "20261101T000000Z"
+    assert (second.fetched, second.not_modified, second.stale, second.removed) == (2, 2, 1, 1)
+    assert second.stale_reasons == {"http_503": 1}
+    unchanged = [e for e in fault_server.log if e[0] in ("/img/i0.png", "/img/i3.png")]
+    assert unchanged and all(status == 304 and conditional for _, status, conditional in unchanged)
+    assert second.bytes_downloaded == len(fault_server.files["i1.png"]) + len(fault_server.files["i5.png"])
+
+    state = read_crawl_state(storage, second.run_id).set_index("product_id")
+    assert state.loc["p4", "status"] == "removed"
+    assert state.loc["p2", "status"] == "stale" and state.loc["p2", "error"] == "http_503"
+    assert state.loc["p0", "stored_run_id"] == first.run_id    # bytes not copied again
+    assert state.loc["p1", "stored_run_id"] == second.run_id
+    current = read_current_images(storage, second.run_id, with_bytes=True).set_index("product_id")
+    assert sorted(current.index) == ["p0", "p1", "p2", "p3", "p5"]
+    assert current.loc["p1", "image"] == fault_server.files["i1.png"]
+    assert current.loc["p2", "image"] is not None  # the last good copy stays searchable
+
+
+def test_killed_run_resumes_only_unfinished_tasks(spark, fault_server, tmp_path):
+    for i in range(12):
+        fault_server.put(f"k{i}.png", make_png(color=(10 * i, 10, 10), pattern=i))
+    rows = [(f"p{i}", "food", fault_server.url(f"img/k{i}.png"), "") for i in range(12)]
+    manifest = write_manifest(tmp_path / "m.csv", rows)
+    warehouse = (tmp_path / "wh").as_uri()
+    settings = settings_for(warehouse)  # 4 rows per task: 3 tasks
+    run_crawl(settings, manifest, "r1", spark=spark)
+    storage = open_storage(warehouse)
+    # Simulate a kill after two tasks finished: no commit marker, one task marker missing.
+    storage.delete(layout.crawl_success_key("r1"))
+    storage.delete(f"{layout.crawl_prefix('r1')}tasks/part-00001.json")
+    fault_server.log.clear()
+
+    summary = run_crawl(settings, manifest, "r1", spark=spark)
+    assert summary.tasks_resumed == 2 and summary.fetched == 12
+    assert len(fault_server.log) == 4  # only the unfinished task's rows were fetched again
+    assert len(read_current_images(storage, "r1")) == 12
+
+
+def test_rerunning_a_run_replaces_its_outputs_only(spark, fault_server, tmp_path):
+    for i in range(3):
+        fault_server.put(f"x{i}.png", make_png(color=(0, 50 * i, 0), pattern=i))
+    rows = [(f"p{i}", "food", fault_server.url(f"img/x{i}.png"), "") for i in range(3)]
+    warehouse = (tmp_path / "wh").as_uri()
+    settings = settings_for(warehouse)
+    run_crawl(settings, write_manifest(tmp_path / "a.csv", rows), "r1", spark=spark)
+    run_crawl(settings, write_manifest(tmp_path / "b.csv", rows), "r2", spark=spark)
+    storage = open_storage(warehouse)
+    r1_before = {k: storage.read_bytes(k) for k in storage.list("runs/r1/")}
+    before = read_crawl_state(storage, "r2").drop(columns=["checked_at"]).sort_values("product_id")
+
+    run_crawl(settings, write_manifest(tmp_path / "b.csv", rows[:2]), "r2", spark=spark)  # r2's manifest changed
+    run_crawl(settings, write_manifest(tmp_path / "b.csv", rows), "r2", spark=spark, resume=False)
+    after = read_crawl_state(storage, "r2").drop(columns=["checked_at"]).sort_values("product_id")
+    assert before.reset_index(drop=True).equals(after.reset_index(drop=True))
+    assert {k: storage.read_bytes(k) for k in storage.list("runs/r1/")} == r1_before
+
+
+def test_ssrf_guard_end_to_end(spark, fault_server, tmp_path):
+    url = fault_server.put("s.png", make_png())
+    manifest = write_manifest(tmp_path / "m.csv", [("p1", "food", url, ""), ("p2", "food", "http://localhost:9/x", "")])
+    settings = load_settings(warehouse=(tmp_path / "wh").as_uri())  # default: private hosts refused
+    summary = run_crawl(settings, manifest, "r1", spark=spark)
+    assert summary.quarantine_reasons == {"ssrf_blocked": 2}
+    assert fault_server.log == []
+
+
+@pytest.mark.s3
+def test_crawl_into_s3_warehouse_with_s3_images(spark, fault_server, s3_bucket, tmp_path):
+    bucket, s3 = s3_bucket
+    source = open_storage(f"s3://{bucket}", s3)
+    source.write_bytes("cdn/a.png", make_png(pattern=1))
+    http_url = fault_server.put("b.png", make_png(pattern=2))
+    manifest_csv = "product_id,category,image_url,title\n" \
+                   f"p1,food,s3://{bucket}/cdn/a.png,\np2,tools,{http_url},\np3,tools,s3://{bucket}/cdn/missing.png,\n"
+    source.write_text("feeds/catalog.csv", manifest_csv)
+    warehouse = f"s3://{bucket}/warehouse"
+    settings = settings_for(warehouse).model_copy(update={"s3": s3})
+    summary = run_crawl(settings, f"s3://{bucket}/feeds/catalog.csv", "r1", spark=spark)
+    assert (summary.fetched, summary.quarantine_reasons) == (2, {"http_404": 1})
+    storage = open_storage(warehouse, s3)
+    assert storage.exists(layout.crawl_success_key("r1"))
+    assert any(k.startswith("images/category=food/run_id=r1/") for k in storage.list("images/"))
+    images = read_current_images(storage, "r1", with_bytes=True).set_index("product_id")
+    assert images.loc["p1", "image"] == source.read_bytes("cdn/a.png")
+    # second night over S3: the S3 object is revalidated with its ETag, not downloaded again
+    again = run_crawl(settings, f"s3://{bucket}/feeds/catalog.csv", "r2", spark=spark)
+    assert (again.fetched, again.not_modified) == (0, 2)
+
+
+def test_cli_reports_and_fails_clearly(tmp_path, fault_server):
+    exe = str(Path(sys.executable).parent / "catalog-index")
+    help_text = subprocess.run([exe, "crawl", "--help"], capture_output=True, text=True, check=True).stdout
+    for flag in ("--manifest", "--warehouse", "--run-id", "--allow-private-hosts", "--categories", "--max-bytes"):
+        assert flag in help_text
+    bad = tmp_path / "catalog.csv"
+    bad.write_text("id,url\n1,http://x/a.png\n")
+    result = subprocess.run([exe, "crawl", "--manifest", str(bad), "--warehouse", str(tmp_path / "wh")],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "missing in catalog.csv (found: id, url)" in " ".join(result.stderr.split())
