@@ -126,9 +126,11 @@ def print_crawl_summary(summary) -> None:
         table.add_row("outside --categories", f"{summary.out_of_scope:,}")
     table.add_row("[bold]accounted for", f"[bold]{summary.accounted:,}")
     console.print(table)
-    rate = (summary.fetched + summary.not_modified) / summary.elapsed_s if summary.elapsed_s else 0.0
-    console.print(f"{summary.bytes_downloaded / 1e6:,.1f} MB downloaded in {summary.elapsed_s:.1f}s "
-                  f"({rate:,.0f} images/s); {summary.removed:,} images removed from the catalog since "
+    checked = summary.fetched + summary.not_modified + summary.stale + summary.quarantined
+    rate = checked / summary.fetch_s if summary.fetch_s else 0.0
+    console.print(f"{summary.bytes_downloaded / 1e6:,.1f} MB downloaded; {checked:,} URLs checked in "
+                  f"{summary.fetch_s:.1f}s ({rate:,.0f}/s), {summary.elapsed_s:.1f}s in all; "
+                  f"{summary.removed:,} images removed from the catalog since "
                   f"{summary.previous_run_id or 'the first run'}"
                   + (f"; resumed {summary.tasks_resumed} of {summary.tasks} tasks" if summary.tasks_resumed else ""))
 

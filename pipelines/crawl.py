@@ -89,6 +89,7 @@ class CrawlSummary:
     tasks: int = 0
     tasks_resumed: int = 0
     elapsed_s: float = 0.0
+    fetch_s: float = 0.0
     per_category: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
@@ -317,9 +318,11 @@ def run_crawl(settings: Settings, manifest_uri: str, run_id: str, *, categories:
         tasks.append(CrawlTask(settings.warehouse, settings.s3, settings.crawl, run_id, part, key))
     from pipelines.spark import run_tasks
 
+    fetch_started = time.monotonic()
     for counts in run_tasks(crawl_task, tasks, runner=runner, spark=spark, description="crawl",
                             job_group=f"crawl-{run_id}"):
         results[counts["part"]] = counts
+    fetch_s = time.monotonic() - fetch_started
 
     summary = CrawlSummary(run_id=run_id, manifest_uri=manifest_uri, previous_run_id=previous,
                            categories=sorted(categories) if categories else None, manifest_rows=len(frame),
@@ -343,6 +346,7 @@ def run_crawl(settings: Settings, manifest_uri: str, run_id: str, *, categories:
     summary.stale_reasons = dict(sorted(stale_reasons.items()))
     summary.per_category = {c: dict(v) for c, v in sorted(per_category.items())}
     summary.elapsed_s = round(time.monotonic() - started, 3)
+    summary.fetch_s = round(fetch_s, 3)
     if summary.accounted != summary.manifest_rows:
         raise CrawlError(f"accounting mismatch in run {run_id}: {summary.accounted} rows accounted for, "
                          f"{summary.manifest_rows} in the manifest; outputs are not committed")

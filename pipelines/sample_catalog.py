@@ -69,6 +69,8 @@ def _stratified(images: list[tuple[str, Path]], size: int) -> list[tuple[str, Pa
         quota[max(by_category, key=lambda c: len(by_category[c]) - quota[c])] += 1
     picked = []
     for category, items in by_category.items():
+        if quota[category] == 0:  # fewer images asked for than there are categories
+            continue
         step = len(items) / quota[category]
         picked.extend(items[int(i * step)] for i in range(quota[category]))
     return sorted(picked, key=lambda item: item[1].as_posix())
