@@ -234,3 +234,28 @@ def test_cli_reports_and_fails_clearly(tmp_path, fault_server):
                             capture_output=True, text=True)
     assert result.returncode == 2
     assert "missing in catalog.csv (found: id, url)" in " ".join(result.stderr.split())
+
+
+def test_category_backfill_leaves_other_categories_alone(spark, fault_server, tmp_path):
+    rows = []
+    for i in range(6):
+        category = "food" if i % 2 else "tools"
+        rows.append((f"p{i}", category, fault_server.put(f"c{i}.png", make_png(color=(30 * i, 0, 0), pattern=i)), ""))
+    warehouse = (tmp_path / "wh").as_uri()
+    settings = settings_for(warehouse)
+    manifest = write_manifest(tmp_path / "m.csv", rows)
+    run_crawl(settings, manifest, "r1", spark=spark)
+    fault_server.log.clear()
+    fault_server.put("c1.png", make_png(color=(1, 1, 1), pattern=3))  # a food image changed
+
+    summary = run_crawl(settings, manifest, "r2", categories=["food"], spark=spark)
+    assert (summary.fetched, summary.not_modified, summary.out_of_scope, summary.carried) == (1, 2, 3, 3)
+    assert summary.accounted == summary.manifest_rows
+    assert {path for path, _, _ in fault_server.log} == {"/img/c1.png", "/img/c3.png", "/img/c5.png"}
+    storage = open_storage(warehouse)
+    before = read_crawl_state(storage, "r1").set_index("product_id")
+    after = read_crawl_state(storage, "r2").set_index("product_id")
+    for pid in ("p0", "p2", "p4"):  # tools: not contacted, state carried as it was
+        assert after.loc[pid, "status"] == "carried"
+        assert after.loc[pid, "stored_key"] == before.loc[pid, "stored_key"]
+    assert len(read_current_images(storage, "r2")) == 6
