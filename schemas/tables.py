@@ -80,3 +80,53 @@ QUARANTINE = pa.schema([
 def describe(schema: pa.Schema) -> list[tuple[str, str, str]]:
     """(name, type, meaning) rows, for docs and `--help` output."""
     return [(f.name, str(f.type), (f.metadata or {}).get(b"doc", b"").decode()) for f in schema]
+
+
+# dedup/<run_id>/images.parquet: every live image row of crawl run r with its duplicate cluster.
+# The images to embed and index are the distinct `canonical_sha256` values; every product
+# stays searchable through the canonical image of its cluster.
+DEDUP_IMAGES = pa.schema([
+    _f("product_id", pa.string(), "catalog product id", False),
+    _f("category", pa.string(), "catalog category", False),
+    _f("image_url", pa.string(), "image URL from the manifest", False),
+    _f("title", pa.string(), "product title"),
+    _f("sha256", pa.string(), "this row's image bytes", False),
+    _f("phash", pa.string(), "64-bit DCT pHash as 16 hex digits (imagehash.phash's string)"),
+    _f("width", pa.int32(), "pixels"),
+    _f("height", pa.int32(), "pixels"),
+    _f("fetched_at", TIMESTAMP, "when the bytes were downloaded"),
+    _f("cluster_id", pa.string(), "duplicate cluster: the canonical image's sha256", False),
+    _f("canonical_sha256", pa.string(), "the image that represents the cluster in the index", False),
+    _f("is_canonical", pa.bool_(), "this row's sha256 is its cluster's canonical image", False),
+    _f("duplicate_kind", pa.string(),
+       "none (canonical) | exact (same sha256 as the canonical) | near (confirmed near duplicate)", False),
+    _f("run_id", pa.string(), "dedup run", False),
+])
+
+# dedup/<run_id>/pairs.parquet: the evidence for every near-duplicate candidate pair.
+DEDUP_PAIRS = pa.schema([
+    _f("sha256_a", pa.string(), "first image (sorts before sha256_b)", False),
+    _f("sha256_b", pa.string(), "second image", False),
+    _f("hamming_distance", pa.int32(), "pHash Hamming distance", False),
+    _f("confirmation_score", pa.float32(), "independent pixel-level similarity in [0, 1]"),
+    _f("confirmed", pa.bool_(), "merged into one cluster (score >= threshold)", False),
+])
+
+# embeddings/<model_version>/part-*.parquet: a cache, one vector per image per model version.
+EMBEDDINGS = pa.schema([
+    _f("sha256", pa.string(), "image identity", False),
+    _f("vector", pa.list_(pa.float32()), "L2-normalised embedding", False),
+    _f("model_version", pa.string(), "weights digest + preprocessing + pooling + PCA", False),
+    _f("run_id", pa.string(), "run that computed the vector", False),
+    _f("embedded_at", TIMESTAMP, "when"),
+])
+
+# indexes/<name>/<snapshot_id>/idmap-<shard>.parquet: FAISS vector id -> every product it stands for.
+INDEX_IDMAP = pa.schema([
+    _f("vector_id", pa.int64(), "id of the vector inside its shard's FAISS index", False),
+    _f("sha256", pa.string(), "canonical image of the vector", False),
+    _f("product_id", pa.string(), "a product whose image is (a duplicate of) this image", False),
+    _f("category", pa.string(), "the product's category", False),
+    _f("image_url", pa.string(), "the product's own image URL", False),
+    _f("title", pa.string(), "product title"),
+])
