@@ -66,11 +66,23 @@ class CrawlSettings(_Section):
         default_factory=list, description="CIDRs allowed even though they are not public (e.g. an internal CDN).")
 
 
+class DedupSettings(_Section):
+    max_distance: int = Field(10, ge=0, le=32, description="pHash Hamming distance for candidate pairs "
+                              "(imagededup's PHash default is 10).")
+    confirm_threshold: float = Field(0.95, ge=0, le=1, description="Pixel-level confirmation score needed to "
+                                     "merge a candidate pair (see pipelines/near_duplicates.py).")
+    jpeg_draft_size: int | None = Field(None, ge=32, description="Decode JPEGs at reduced size (>= this many "
+                                        "pixels a side) before hashing; None = exact imagehash.phash.")
+    images_per_task: int = Field(2000, ge=1, description="Images hashed per Spark task.")
+    pairs_per_task: int = Field(2000, ge=1, description="Candidate pairs confirmed per Spark task.")
+
+
 class Settings(_Section):
     warehouse: str = Field(DEFAULT_WAREHOUSE, description="file:///path or s3://bucket/prefix")
     s3: S3Settings = Field(default_factory=S3Settings)
     spark: SparkSettings = Field(default_factory=SparkSettings)
     crawl: CrawlSettings = Field(default_factory=CrawlSettings)
+    dedup: DedupSettings = Field(default_factory=DedupSettings)
 
 
 

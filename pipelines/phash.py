@@ -1,0 +1,211 @@
+"""64-bit DCT perceptual hash (pHash) of image bytes, batched, with typed decode errors.
+
+The hash is bit-for-bit imagehash 4.3.2's ``phash`` (convert to "L", LANCZOS resize to
+32x32, DCT-II along both axes, top-left 8x8 compared with its median, bits in the order of
+imagehash's hex string), so any hash stored by the pipeline can be cross-checked with
+``str(imagehash.phash(Image.open(path)))``. ``phash_hex`` gives that string.
+
+Two decode modes:
+
+* exact (default): full-size decode, identical to imagehash.
+* reduced (``draft_size=N``): JPEGs are decoded by libjpeg at 1/2, 1/4 or 1/8 scale, straight
+  to grayscale, keeping at least NxN pixels. Several times faster on large JPEGs, but the
+  pixels differ from a full decode, so hashes differ from imagehash by a few bits on some
+  images (see bench/dedup). A catalog must use one mode for all its hashes.
+
+Bad bytes never crash a batch: they raise ``ImageDecodeError`` (a ``ValueError``) whose
+``reason`` is a machine-readable code for the quarantine table, or, with
+``try_phash_many``, come back as a reason per row. This module never reads files or
+talks to storage; it works on bytes already fetched.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+import zlib
+from collections.abc import Sequence
+
+import numpy as np
+import scipy.fftpack
+from PIL import Image, UnidentifiedImageError
+
+HASH_SIZE = 8
+RESIZED_SIDE = 32  # imagehash: hash_size * highfreq_factor (4)
+
+DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS
+
+# Reason codes written to the quarantine table.
+NOT_AN_IMAGE = "not_an_image"
+TRUNCATED = "truncated"
+CORRUPT = "corrupt"
+DECOMPRESSION_BOMB = "decompression_bomb"
+
+
+class ImageDecodeError(ValueError):
+    """Bytes that cannot be hashed; ``reason`` is one of the module's reason codes."""
+
+    def __init__(self, reason: str, detail: str, index: int | None = None):
+        self.reason = reason
+        self.detail = detail
+        self.index = index
+        where = f" (item {index})" if index is not None else ""
+        super().__init__(f"cannot decode image{where}: {reason}: {detail}")
+
+
+def open_image(
+    data: bytes,
+    *,
+    draft_size: int | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+) -> Image.Image:
+    """Decode ``data`` fully into a PIL image, or raise ImageDecodeError.
+
+    ``draft_size`` asks JPEG decoders for a reduced-scale grayscale decode that keeps at
+    least ``draft_size`` pixels per side; other formats ignore it.
+    ``max_pixels`` rejects images whose header declares more pixels (None: no limit).
+    """
+    if not data:
+        raise ImageDecodeError(NOT_AN_IMAGE, "zero bytes")
+    try:
+        with warnings.catch_warnings():
+            # Pillow only warns between MAX_IMAGE_PIXELS and twice that; we want a decision.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ImageDecodeError(DECOMPRESSION_BOMB, str(error)) from error
+    except UnidentifiedImageError as error:
+        signature = _image_signature(data)
+        if signature:  # starts like an image, but the header is cut or broken
+            raise ImageDecodeError(CORRUPT, f"{signature} signature but unreadable header") from error
+        raise ImageDecodeError(NOT_AN_IMAGE, f"unrecognised format, starts with {data[:16]!r}") from error
+    except (OSError, SyntaxError, ValueError, EOFError) as error:
+        raise _load_error(error) from error
+
+    width, height = image.size
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageDecodeError(DECOMPRESSION_BOMB, f"{width}x{height} exceeds {max_pixels} pixels")
+    if draft_size is not None and image.format == "JPEG":
+        image.draft("L", (draft_size, draft_size))
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError, EOFError, zlib.error, MemoryError) as error:
+        raise _load_error(error) from error
+    return image
+
+
+_SIGNATURES = (
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"GIF8", "GIF"),
+    (b"BM", "BMP"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+)
+
+
+def _image_signature(data: bytes) -> str | None:
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return next((name for magic, name in _SIGNATURES if data.startswith(magic)), None)
+
+
+def _load_error(error: BaseException) -> ImageDecodeError:
+    """Pillow reports a cut-off file as EOFError or as an OSError saying 'truncated'."""
+    message = f"{type(error).__name__}: {error}"
+    truncated = isinstance(error, EOFError) or "truncated" in str(error).lower()
+    return ImageDecodeError(TRUNCATED if truncated else CORRUPT, message)
+
+
+def resized_grayscale(image: Image.Image) -> np.ndarray:
+    """The 32x32 uint8 grayscale thumbnail imagehash's phash takes its DCT of."""
+    try:
+        small = image.convert("L").resize((RESIZED_SIDE, RESIZED_SIDE), Image.LANCZOS)
+    except (OSError, ValueError, SyntaxError, EOFError) as error:
+        raise ImageDecodeError(CORRUPT, f"{type(error).__name__}: {error}") from error
+    return np.asarray(small, dtype=np.uint8)
+
+
+def phash_from_thumbnails(thumbnails: np.ndarray) -> np.ndarray:
+    """pHash of a (n, 32, 32) stack of grayscale thumbnails, as uint64.
+
+    Uses scipy.fftpack's DCT on the whole stack rather than a precomputed DCT matrix:
+    pocketfft runs the same arithmetic on each row as imagehash's one-image call, so
+    coefficients match bit for bit and a coefficient sitting next to the median (common
+    on near-blank images) is classified the same way. A matrix product differs in the
+    last bits and flipped such hashes. The DCT is ~5 us/image either way, well under
+    decode and resize.
+    """
+    stack = np.asarray(thumbnails, dtype=np.float64).reshape(-1, RESIZED_SIDE, RESIZED_SIDE)
+    if len(stack) == 0:
+        return np.zeros(0, dtype=np.uint64)
+    # Only the first 8 rows of the axis-0 DCT reach the top-left 8x8 block.
+    columns = scipy.fftpack.dct(stack, axis=1)[:, :HASH_SIZE, :]
+    low_frequencies = scipy.fftpack.dct(columns, axis=2)[:, :, :HASH_SIZE]
+    low_frequencies = low_frequencies.reshape(len(stack), HASH_SIZE * HASH_SIZE)
+    medians = np.median(low_frequencies, axis=1, keepdims=True)
+    bits = low_frequencies > medians
+    # Row-major bits, first bit most significant: imagehash's hex string read as a number.
+    return np.packbits(bits, axis=1).view(">u8").ravel().astype(np.uint64)
+
+
+def phash_image(image: Image.Image) -> int:
+    """pHash of a PIL image, equal to ``int(str(imagehash.phash(image)), 16)``."""
+    return int(phash_from_thumbnails(resized_grayscale(image)[None])[0])
+
+
+def phash_bytes(data: bytes, *, draft_size: int | None = None) -> int:
+    """pHash of encoded image bytes; raises ImageDecodeError for bytes that are not an image."""
+    return phash_image(open_image(data, draft_size=draft_size))
+
+
+def try_phash_many(
+    blobs: Sequence[bytes],
+    *,
+    draft_size: int | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+) -> tuple[np.ndarray, list[str | None]]:
+    """pHashes of many encoded images plus a failure reason per item (None when hashed).
+
+    Failed items get hash 0 in the array; use the reasons, not the hash, to tell them apart.
+    """
+    thumbnails = np.zeros((len(blobs), RESIZED_SIDE, RESIZED_SIDE), dtype=np.uint8)
+    reasons: list[str | None] = [None] * len(blobs)
+    for position, data in enumerate(blobs):
+        try:
+            image = open_image(data, draft_size=draft_size, max_pixels=max_pixels)
+            thumbnails[position] = resized_grayscale(image)
+        except ImageDecodeError as error:
+            reasons[position] = error.reason
+    hashes = phash_from_thumbnails(thumbnails)
+    hashes[[reason is not None for reason in reasons]] = 0
+    return hashes, reasons
+
+
+def phash_many(
+    blobs: Sequence[bytes],
+    *,
+    draft_size: int | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+) -> np.ndarray:
+    """pHashes (uint64) of many encoded images; the first bad item raises ImageDecodeError
+    with its ``index`` set. Use ``try_phash_many`` to hash a batch that may hold bad bytes."""
+    thumbnails = np.empty((len(blobs), RESIZED_SIDE, RESIZED_SIDE), dtype=np.uint8)
+    for position, data in enumerate(blobs):
+        try:
+            thumbnails[position] = resized_grayscale(
+                open_image(data, draft_size=draft_size, max_pixels=max_pixels)
+            )
+        except ImageDecodeError as error:
+            raise ImageDecodeError(error.reason, error.detail, index=position) from error
+    return phash_from_thumbnails(thumbnails)
+
+
+def phash_hex(phash: int | np.integer) -> str:
+    """16 hex digits, the same text as ``str(imagehash.phash(image))``."""
+    return f"{int(phash):016x}"
+
+
+def phash_from_hex(text: str) -> int:
+    """Inverse of ``phash_hex``."""
+    return int(text, 16)
