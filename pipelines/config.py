@@ -77,12 +77,21 @@ class DedupSettings(_Section):
     pairs_per_task: int = Field(2000, ge=1, description="Candidate pairs confirmed per Spark task.")
 
 
+class EmbedSettings(_Section):
+    pooling: str = Field("gem", pattern="^(gem|avg)$", description="Global pooling of the feature map: GeM (p=3) or avg.")
+    batch_size: int | None = Field(None, ge=1, description="Model batch; None = 64 on CPU, 256 on GPU.")
+    images_per_task: int = Field(1000, ge=1, description="Images embedded per Spark task.")
+    task_gpus: float = Field(0.0, ge=0, description="GPUs each embed task asks Spark for (stage-level resource "
+                             "profile); 0 = no GPU request (local mode, CPU clusters).")
+
+
 class Settings(_Section):
     warehouse: str = Field(DEFAULT_WAREHOUSE, description="file:///path or s3://bucket/prefix")
     s3: S3Settings = Field(default_factory=S3Settings)
     spark: SparkSettings = Field(default_factory=SparkSettings)
     crawl: CrawlSettings = Field(default_factory=CrawlSettings)
     dedup: DedupSettings = Field(default_factory=DedupSettings)
+    embed: EmbedSettings = Field(default_factory=EmbedSettings)
 
 
 

@@ -62,8 +62,17 @@ def get_spark(settings: Settings, app_name: str):
     return spark
 
 
+def gpu_resource_profile(task_gpus: float):
+    """A stage-level resource profile asking `task_gpus` GPUs per task, so that only the
+    stage that needs GPUs (embed) holds them; the executors must offer GPUs
+    (spark.executor.resource.gpu.amount + a discovery script, see infra/spark/gpu.conf)."""
+    from pyspark.resource import ResourceProfileBuilder, TaskResourceRequests
+
+    return ResourceProfileBuilder().require(TaskResourceRequests().cpus(1).resource("gpu", task_gpus)).build
+
+
 def run_tasks(fn: Callable[[Any], Any], tasks: Sequence[Any], *, runner: str = "spark", spark=None,
-              description: str = "working", job_group: str | None = None) -> list[Any]:
+              description: str = "working", job_group: str | None = None, task_gpus: float = 0.0) -> list[Any]:
     """Run fn over every task, one Spark task each, and return the results in task order."""
     if not tasks:
         return []
@@ -81,6 +90,8 @@ def run_tasks(fn: Callable[[Any], Any], tasks: Sequence[Any], *, runner: str = "
     if job_group:
         sc.setJobGroup(job_group, description)
     rdd = sc.parallelize(list(enumerate(tasks)), len(tasks)).map(lambda item: (item[0], fn(item[1])))
+    if task_gpus > 0:
+        rdd = rdd.withResources(gpu_resource_profile(task_gpus))
     done = threading.Event()
     watcher = threading.Thread(target=_watch_spark_progress, args=(sc, description, len(tasks), done), daemon=True)
     watcher.start()

@@ -1,0 +1,187 @@
+"""Embed stage: the canonical images of a dedup run -> the embeddings cache, on Spark.
+
+The cache `embeddings/<model_version>/` holds one vector per image sha256 per model
+version, so a nightly run embeds only images no earlier run embedded with the same
+version; changing the model, its preprocessing, pooling or PCA changes the version and
+re-embeds everything, on purpose.
+
+Each Spark task embeds one slice of images: it reads their bytes from the images table,
+picks its device from the task's GPU resources (`TaskContext.resources()`; CPU when it
+has none), runs the process-wide model (loaded once per executor Python worker), and
+writes its own part file plus the images it could not decode to quarantine. With
+`embed.task_gpus > 0` the stage asks Spark for GPUs through a stage-level resource
+profile, so only this stage holds them.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from pipelines import layout
+from pipelines.config import EmbedSettings, S3Settings, Settings
+from pipelines.crawl import read_current_images
+from pipelines.dedup import read_dedup_images
+from pipelines.storage import Storage, open_storage
+from schemas.tables import EMBEDDINGS, QUARANTINE
+
+
+class EmbedError(RuntimeError):
+    pass
+
+
+def embeddings_prefix(version: str) -> str:
+    return f"embeddings/{version}/"
+
+
+def spec_from_settings(cfg: EmbedSettings):
+    from pipelines.model import default_spec
+
+    return default_spec(pooling=cfg.pooling)
+
+
+@dataclass
+class EmbedTask:
+    warehouse: str
+    s3: S3Settings
+    run_id: str
+    part: str
+    embed: EmbedSettings
+    locations: dict[str, list[str]]  # stored_key -> sha256s to embed from it
+
+
+@dataclass
+class EmbedSummary:
+    run_id: str
+    model_version: str
+    device: str
+    canonical_images: int = 0
+    embedded: int = 0
+    reused: int = 0
+    quarantined: int = 0
+    quarantine_reasons: dict[str, int] = field(default_factory=dict)
+    embed_s: float = 0.0
+    images_per_s: float = 0.0
+    elapsed_s: float = 0.0
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+
+def task_device(resource_name: str = "gpu"):
+    """The device this Spark task was given: its GPU address, or the CPU."""
+    from pipelines.model import choose_device
+
+    resources = None
+    try:
+        from pyspark import TaskContext
+
+        context = TaskContext.get()
+        resources = context.resources() if context is not None else None
+    except ImportError:
+        pass
+    return choose_device(resources, resource_name)
+
+
+def embed_task(task: EmbedTask) -> dict:
+    from pipelines.embedding import get_embedder
+
+    storage = open_storage(task.warehouse, task.s3)
+    spec = spec_from_settings(task.embed)
+    device = task_device()
+    embedder = get_embedder(spec, device, batch_size=task.embed.batch_size, vector_dtype="float32")
+
+    def frames():
+        for key, shas in sorted(task.locations.items()):
+            wanted = set(shas)
+            part = storage.read_parquet_file(key, columns=["sha256", "image"]).to_pandas()
+            part = part[part["sha256"].isin(wanted)].drop_duplicates("sha256")
+            for start in range(0, len(part), 256):
+                yield part.iloc[start:start + 256]
+
+    started = time.monotonic()
+    vectors, failures = [], []
+    for batch in embedder.embed_frames(frames()):
+        vectors.append(batch.embeddings)
+        failures.append(batch.failures)
+    seconds = time.monotonic() - started
+    done = pd.concat(vectors, ignore_index=True) if vectors else pd.DataFrame(columns=["sha256", "vector"])
+    failed = pd.concat(failures, ignore_index=True) if failures else pd.DataFrame(columns=["sha256", "reason", "detail"])
+    now = pd.Timestamp(datetime.now(timezone.utc))
+    table = pa.table({
+        "sha256": pa.array(done["sha256"].tolist(), pa.string()),
+        "vector": pa.array([np.asarray(v, dtype=np.float32) for v in done["vector"]], pa.list_(pa.float32())),
+        "model_version": pa.array([embedder.version] * len(done), pa.string()),
+        "run_id": pa.array([task.run_id] * len(done), pa.string()),
+        "embedded_at": pa.array([now] * len(done), EMBEDDINGS.field("embedded_at").type),
+    }, schema=EMBEDDINGS)
+    storage.write_table(f"{embeddings_prefix(embedder.version)}part-{task.run_id}-{task.part}.parquet", table)
+    quarantine = [{"run_id": task.run_id, "stage": "embed", "reason": r.reason, "detail": r.detail,
+                   "sha256": r.sha256, "at": now} for r in failed.itertuples()]
+    storage.write_table(f"{layout.quarantine_prefix(task.run_id, 'embed')}part-{task.part}.parquet",
+                        pa.Table.from_pylist(quarantine, QUARANTINE))
+    return {"embedded": len(done), "failed": dict(Counter(failed["reason"])), "seconds": seconds,
+            "device": str(device), "version": embedder.version}
+
+
+def read_embeddings(storage: Storage, version: str, columns: list[str] | None = None) -> pd.DataFrame:
+    """The cached vectors of one model version (latest per sha256 if a rerun wrote it twice)."""
+    table = storage.read_table(embeddings_prefix(version), columns=columns, schema=EMBEDDINGS).to_pandas()
+    return table.drop_duplicates("sha256", keep="last").reset_index(drop=True)
+
+
+def run_embed(settings: Settings, run_id: str, *, runner: str = "spark", spark=None) -> EmbedSummary:
+    from pipelines.model import model_version
+
+    started = time.monotonic()
+    storage = open_storage(settings.warehouse, settings.s3)
+    version = model_version(spec_from_settings(settings.embed))
+    dedup = read_dedup_images(storage, run_id)
+    canonical = sorted(set(dedup["canonical_sha256"]))
+    summary = EmbedSummary(run_id=run_id, model_version=version, device="cpu", canonical_images=len(canonical))
+    # Finished parts of a killed or repeated run stay: their vectors are valid cache entries,
+    # so a rerun resumes where it stopped. Quarantine is recomputed for what is left.
+    storage.delete_prefix(layout.quarantine_prefix(run_id, "embed"))
+
+    cached = set(read_embeddings(storage, version, columns=["sha256"])["sha256"])
+    todo = [sha for sha in canonical if sha not in cached]
+    summary.reused = len(canonical) - len(todo)
+    if todo:
+        locations = (read_current_images(storage, run_id)[["sha256", "stored_key"]]
+                     .drop_duplicates("sha256").set_index("sha256")["stored_key"])
+        per_task = settings.embed.images_per_task
+        tasks = []
+        for start in range(0, len(todo), per_task):
+            chunk: dict[str, list[str]] = {}
+            for sha in todo[start:start + per_task]:
+                chunk.setdefault(locations[sha], []).append(sha)
+            # Named by content: a resumed run's new tasks never overwrite parts that finished.
+            digest = hashlib.sha256("".join(todo[start:start + per_task]).encode()).hexdigest()[:12]
+            tasks.append(EmbedTask(settings.warehouse, settings.s3, run_id, digest, settings.embed, chunk))
+        from pipelines.spark import run_tasks
+
+        session = spark() if callable(spark) else spark
+        results = run_tasks(embed_task, tasks, runner=runner, spark=session, description="embed",
+                            job_group=f"embed-{run_id}", task_gpus=settings.embed.task_gpus)
+        for result in results:
+            summary.embedded += result["embedded"]
+            for reason, count in result["failed"].items():
+                summary.quarantine_reasons[reason] = summary.quarantine_reasons.get(reason, 0) + count
+            summary.embed_s += result["seconds"]
+            summary.device = result["device"]
+        summary.quarantined = sum(summary.quarantine_reasons.values())
+        summary.images_per_s = round(summary.embedded / summary.embed_s, 1) if summary.embed_s else 0.0
+    summary.embed_s = round(summary.embed_s, 3)
+    summary.elapsed_s = round(time.monotonic() - started, 3)
+    if summary.reused + summary.embedded + summary.quarantined != summary.canonical_images:
+        raise EmbedError(f"accounting mismatch in embed {run_id}: {summary.reused} reused + {summary.embedded} "
+                         f"embedded + {summary.quarantined} quarantined != {summary.canonical_images} canonical images")
+    storage.write_text(f"runs/{run_id}/embed/_SUCCESS.json", summary.to_json())
+    return summary
