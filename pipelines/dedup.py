@@ -295,9 +295,11 @@ def run_dedup(settings: Settings, run_id: str, *, runner: str = "spark", spark=N
     summary.clusters = int(len(np.unique(labels)))
 
     rows = good.merge(nodes[["sha256", "canonical_sha256"]], on="sha256", how="left")
-    rows = rows.sort_values(["canonical_sha256", "product_id", "image_url"]).reset_index(drop=True)
-    rows["cluster_id"] = rows["canonical_sha256"]
     rows["is_canonical"] = rows["sha256"] == rows["canonical_sha256"]
+    # The cluster's first row is a row of the canonical image itself: that row is "none".
+    rows = rows.sort_values(["canonical_sha256", "is_canonical", "product_id", "image_url"],
+                            ascending=[True, False, True, True]).reset_index(drop=True)
+    rows["cluster_id"] = rows["canonical_sha256"]
     first_of_cluster = ~rows.duplicated("canonical_sha256")
     rows["duplicate_kind"] = np.where(first_of_cluster, "none", np.where(rows["is_canonical"], "exact", "near"))
     # An exact copy of a non-canonical image is still a near duplicate of the canonical one.

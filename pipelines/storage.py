@@ -86,6 +86,17 @@ class Storage:
         return pq.read_table(pa.BufferReader(self.read_bytes(key)), columns=columns)
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# Files get the usual permissions (0644 under umask 022), not mkstemp's private 0600:
+# serving teams and other users read the warehouse.
+_FILE_MODE = 0o666 & ~_current_umask()
+
+
 class LocalStorage(Storage):
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root).expanduser().resolve()
@@ -111,6 +122,7 @@ class LocalStorage(Storage):
         try:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
+                os.fchmod(fh.fileno(), _FILE_MODE)
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

@@ -45,7 +45,7 @@ def planted(fault_server, tmp_path):
     put = fault_server.put
     rows = [("orig", "food", put("orig.png", original), "original"),
             ("copy", "food", put("orig-copy.png", original), "same bytes elsewhere"),   # exact duplicate
-            ("small", "food", put("half.jpg", half), "resized + recompressed"),        # near duplicate
+            ("a-small", "food", put("half.jpg", half), "resized + recompressed"),        # near duplicate
             ] + [(f"d{i}", "tools", put(f"d{i}.png", distinct(i)), "") for i in range(5)]
     return rows
 
@@ -63,8 +63,8 @@ def test_clusters_canonical_and_accounting(spark, planted, tmp_path):
     assert len(rows) == 8  # no product disappears
     canonical = rows.loc["orig", "canonical_sha256"]
     assert rows.loc["orig", "is_canonical"] and rows.loc["copy", "sha256"] == canonical
-    assert rows.loc["small", "canonical_sha256"] == canonical            # largest resolution wins
-    assert rows.loc["small", "duplicate_kind"] == "near" and not rows.loc["small", "is_canonical"]
+    assert rows.loc["a-small", "canonical_sha256"] == canonical            # largest resolution wins
+    assert rows.loc["a-small", "duplicate_kind"] == "near" and not rows.loc["a-small", "is_canonical"]
     assert {rows.loc["orig", "duplicate_kind"], rows.loc["copy", "duplicate_kind"]} == {"none", "exact"}
     for pid in [f"d{i}" for i in range(5)]:
         assert rows.loc[pid, "is_canonical"] and rows.loc[pid, "duplicate_kind"] == "none"
