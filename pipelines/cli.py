@@ -149,9 +149,9 @@ def _add_dedup(sub) -> None:
                     "deduplicated by an earlier run keep their verdicts; only new images are searched.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run-id", required=True, metavar="ID", help="the committed crawl run to deduplicate")
-    p.add_argument("--max-distance", type=int, metavar="N", help="pHash Hamming distance for candidates (default 10)")
+    p.add_argument("--max-distance", type=int, metavar="N", help="pHash Hamming distance for candidates (default 14)")
     p.add_argument("--confirm-threshold", type=float, metavar="S",
-                   help="pixel-level score in [0,1] needed to merge a candidate pair (default 0.95)")
+                   help="pixel-level score in [0,1] needed to merge a candidate pair (default 0.96)")
     _common(p)
     p.set_defaults(func=cmd_dedup)
 
@@ -173,11 +173,11 @@ def _add_dedup(sub) -> None:
                                    "no pair missed), and confirm each with the pixel-level check.")
     n.add_argument("--input", required=True, metavar="DIR_OR_FILE.parquet",
                    help="folder of images, or the output of `catalog-index hash`")
-    n.add_argument("--max-distance", type=int, default=10, metavar="N", help="Hamming distance (default 10)")
+    n.add_argument("--max-distance", type=int, default=14, metavar="N", help="Hamming distance (default 14, as the dedup stage)")
     n.add_argument("--output", required=True, metavar="FILE.parquet",
                    help="pairs: path_a, path_b, hamming_distance, exact, confirmation_score, confirmed")
     n.add_argument("--no-confirm", action="store_true", help="skip the pixel-level confirmation (pHash only)")
-    n.add_argument("--threshold", type=float, metavar="S", help="confirmation score needed (default 0.95)")
+    n.add_argument("--threshold", type=float, metavar="S", help="confirmation score needed (default 0.96)")
     n.set_defaults(func=cmd_near_duplicates)
 
 

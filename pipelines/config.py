@@ -67,9 +67,11 @@ class CrawlSettings(_Section):
 
 
 class DedupSettings(_Section):
-    max_distance: int = Field(10, ge=0, le=32, description="pHash Hamming distance for candidate pairs "
-                              "(imagededup's PHash default is 10).")
-    confirm_threshold: float = Field(0.95, ge=0, le=1, description="Pixel-level confirmation score needed to "
+    # Defaults = pipelines.near_duplicates.CANDIDATE_MAX_DISTANCE / CONFIRMATION_THRESHOLD,
+    # tuned on planted duplicates (bench/dedup); a test keeps them equal.
+    max_distance: int = Field(14, ge=0, le=32, description="pHash Hamming distance for candidate pairs "
+                              "(imagededup's PHash default is 10; the confirmation step allows a wider net).")
+    confirm_threshold: float = Field(0.96, ge=0, le=1, description="Pixel-level confirmation score needed to "
                                      "merge a candidate pair (see pipelines/near_duplicates.py).")
     jpeg_draft_size: int | None = Field(None, ge=32, description="Decode JPEGs at reduced size (>= this many "
                                         "pixels a side) before hashing; None = exact imagehash.phash.")

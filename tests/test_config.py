@@ -38,3 +38,10 @@ def test_errors_name_the_setting(tmp_path, monkeypatch):
     bad.write_text("crawl:\n  retrys: 3\n")
     with pytest.raises(ConfigError, match="crawl.retrys"):
         load_settings(bad)
+
+
+def test_dedup_defaults_are_the_tuned_constants():
+    from pipelines.near_duplicates import CANDIDATE_MAX_DISTANCE, CONFIRMATION_THRESHOLD
+
+    dedup = load_settings().dedup
+    assert (dedup.max_distance, dedup.confirm_threshold) == (CANDIDATE_MAX_DISTANCE, CONFIRMATION_THRESHOLD)
