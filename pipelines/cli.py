@@ -331,6 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dedup(sub)
     _add_embed(sub)
     _add_sample(sub)
+    from pipelines.head_cli import add_head_commands  # imports from this module: keep the import here
+
+    add_head_commands(sub)
     return parser
 
 
