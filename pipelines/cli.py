@@ -255,6 +255,9 @@ def _add_embed(sub) -> None:
     p.add_argument("--batch-size", type=int, metavar="N", help="model batch (default 64 on CPU, 256 on GPU)")
     p.add_argument("--task-gpus", type=float, metavar="N",
                    help="GPUs per embed task requested from Spark via a stage-level resource profile (default 0)")
+    p.add_argument("--pca-dim", type=int, metavar="D",
+                   help="also project to D dimensions with a PCA fitted once on the catalog's canonical images "
+                        "(whitened; models/pca/ in the warehouse); the PCA is part of the model version")
     _common(p)
     p.set_defaults(func=cmd_embed)
 
@@ -263,14 +266,15 @@ def cmd_embed(args) -> int:
     from pipelines.embed import run_embed
 
     settings = _settings(args, embed={"pooling": args.pooling, "batch_size": args.batch_size,
-                                      "task_gpus": args.task_gpus})
+                                      "task_gpus": args.task_gpus, "pca_dim": args.pca_dim})
     console.print(f"embed run [bold]{args.run_id}[/] in {settings.warehouse}")
     summary = run_embed(settings, args.run_id, runner=args.runner,
                         spark=_spark_for(args, settings, f"catalog-index embed {args.run_id}"))
     console.print(f"model {summary.model_version}: {summary.canonical_images:,} canonical images; "
                   f"{summary.embedded:,} embedded on {summary.device} ({summary.images_per_s:,.1f} images/s), "
                   f"{summary.reused:,} reused from the cache, {summary.quarantined:,} quarantined "
-                  f"{summary.quarantine_reasons or ''}")
+                  f"{summary.quarantine_reasons or ''}"
+                  + (f"; {summary.pca_projected:,} projected to {settings.embed.pca_dim} dims" if summary.pca_projected else ""))
     return 0
 
 

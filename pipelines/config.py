@@ -85,6 +85,9 @@ class EmbedSettings(_Section):
     images_per_task: int = Field(1000, ge=1, description="Images embedded per Spark task.")
     task_gpus: float = Field(0.0, ge=0, description="GPUs each embed task asks Spark for (stage-level resource "
                              "profile); 0 = no GPU request (local mode, CPU clusters).")
+    pca_dim: int | None = Field(None, ge=1, le=1280, description="Project vectors to this many dimensions with a "
+                                "PCA fitted on the catalog's canonical images (None = the model's 1280).")
+    pca_whiten: bool = Field(True, description="Whiten the PCA (divide by the component's standard deviation).")
 
 
 class Settings(_Section):

@@ -18,7 +18,7 @@ import hashlib
 import json
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 
 import numpy as np
@@ -41,10 +41,66 @@ def embeddings_prefix(version: str) -> str:
     return f"embeddings/{version}/"
 
 
-def spec_from_settings(cfg: EmbedSettings):
-    from pipelines.model import default_spec
+def spec_from_settings(cfg: EmbedSettings, storage: Storage | None = None):
+    """The model spec the settings describe. With `pca_dim`, the PCA fitted on the catalog
+    (`models/pca/…`, see fit_catalog_pca) is part of the spec, so it needs the warehouse."""
+    from pipelines.model import PcaProjection, default_spec
 
-    return default_spec(pooling=cfg.pooling)
+    base = default_spec(pooling=cfg.pooling)
+    if not cfg.pca_dim:
+        return base
+    if storage is None or not storage.exists(pca_key(base, cfg)):
+        raise EmbedError(f"embed.pca_dim={cfg.pca_dim} but no PCA has been fitted for this model yet: "
+                         "run `catalog-index embed` with the same settings first")
+    return replace(base, pca=PcaProjection.from_bytes(storage.read_bytes(pca_key(base, cfg))))
+
+
+def pca_key(base_spec, cfg: EmbedSettings) -> str:
+    from pipelines.model import model_version
+
+    return f"models/pca/{model_version(base_spec)}-d{cfg.pca_dim}{'-whiten' if cfg.pca_whiten else ''}.npz"
+
+
+def fit_catalog_pca(storage: Storage, base_spec, cfg: EmbedSettings, canonical: list[str]):
+    """The catalog's PCA: fitted once on the full-dimension vectors of the canonical images,
+    then kept (delete models/pca/<key> to refit), so the model version stays stable night to night."""
+    from pipelines.embedding import fit_pca
+    from pipelines.model import PcaProjection, model_version
+
+    key = pca_key(base_spec, cfg)
+    if storage.exists(key):
+        return PcaProjection.from_bytes(storage.read_bytes(key))
+    vectors = read_embeddings(storage, model_version(base_spec))
+    vectors = vectors[vectors["sha256"].isin(set(canonical))].sort_values("sha256")
+    if len(vectors) <= cfg.pca_dim:
+        raise EmbedError(f"embed.pca_dim={cfg.pca_dim} needs more than {cfg.pca_dim} embedded images to fit "
+                         f"(have {len(vectors)}); lower pca_dim or leave it unset")
+    pca = fit_pca(np.stack(vectors["vector"].to_numpy()), cfg.pca_dim, whiten=cfg.pca_whiten)
+    storage.write_bytes(key, pca.to_bytes())
+    return pca
+
+
+def _project_with_pca(storage: Storage, run_id: str, base_spec, cfg: EmbedSettings, canonical: list[str]) -> tuple[str, int]:
+    """Write PCA-projected vectors for canonical images the PCA version lacks; returns (version, written)."""
+    from pipelines.embedding import apply_pca
+    from pipelines.model import model_version
+
+    pca = fit_catalog_pca(storage, base_spec, cfg, canonical)
+    version = model_version(replace(base_spec, pca=pca))
+    have = set(read_embeddings(storage, version, columns=["sha256"])["sha256"])
+    full = read_embeddings(storage, model_version(base_spec))
+    full = full[full["sha256"].isin(set(canonical) - have)].sort_values("sha256")
+    if len(full):
+        projected = apply_pca(np.stack(full["vector"].to_numpy()), pca)
+        now = pd.Timestamp(datetime.now(timezone.utc))
+        digest = hashlib.sha256("".join(full["sha256"]).encode()).hexdigest()[:12]
+        storage.write_table(f"{embeddings_prefix(version)}part-{run_id}-pca-{digest}.parquet", pa.table({
+            "sha256": pa.array(full["sha256"].tolist(), pa.string()),
+            "vector": pa.array(list(projected.astype(np.float32)), pa.list_(pa.float32())),
+            "model_version": pa.array([version] * len(full), pa.string()),
+            "run_id": pa.array([run_id] * len(full), pa.string()),
+            "embedded_at": pa.array([now] * len(full), EMBEDDINGS.field("embedded_at").type)}, schema=EMBEDDINGS))
+    return version, len(full)
 
 
 @dataclass
@@ -69,6 +125,7 @@ class EmbedSummary:
     quarantine_reasons: dict[str, int] = field(default_factory=dict)
     embed_s: float = 0.0
     images_per_s: float = 0.0
+    pca_projected: int = 0
     elapsed_s: float = 0.0
 
     def to_json(self) -> str:
@@ -94,7 +151,7 @@ def embed_task(task: EmbedTask) -> dict:
     from pipelines.embedding import get_embedder
 
     storage = open_storage(task.warehouse, task.s3)
-    spec = spec_from_settings(task.embed)
+    spec = spec_from_settings(task.embed.model_copy(update={"pca_dim": None}))  # PCA is applied on the driver
     device = task_device()
     embedder = get_embedder(spec, device, batch_size=task.embed.batch_size, vector_dtype="float32")
 
@@ -137,12 +194,18 @@ def read_embeddings(storage: Storage, version: str, columns: list[str] | None = 
     return table.drop_duplicates("sha256", keep="last").reset_index(drop=True)
 
 
+def failed_shas(storage: Storage, run_id: str) -> set[str]:
+    return set(storage.read_table(layout.quarantine_prefix(run_id, "embed"), columns=["sha256"],
+                                  schema=QUARANTINE).column("sha256").to_pylist())
+
+
 def run_embed(settings: Settings, run_id: str, *, runner: str = "spark", spark=None) -> EmbedSummary:
     from pipelines.model import model_version
 
     started = time.monotonic()
     storage = open_storage(settings.warehouse, settings.s3)
-    version = model_version(spec_from_settings(settings.embed))
+    base_spec = spec_from_settings(settings.embed.model_copy(update={"pca_dim": None}))
+    version = model_version(base_spec)
     dedup = read_dedup_images(storage, run_id)
     canonical = sorted(set(dedup["canonical_sha256"]))
     summary = EmbedSummary(run_id=run_id, model_version=version, device="cpu", canonical_images=len(canonical))
@@ -179,6 +242,9 @@ def run_embed(settings: Settings, run_id: str, *, runner: str = "spark", spark=N
         summary.quarantined = sum(summary.quarantine_reasons.values())
         summary.images_per_s = round(summary.embedded / summary.embed_s, 1) if summary.embed_s else 0.0
     summary.embed_s = round(summary.embed_s, 3)
+    if settings.embed.pca_dim:
+        summary.model_version, summary.pca_projected = _project_with_pca(
+            storage, run_id, base_spec, settings.embed, [sha for sha in canonical if sha not in failed_shas(storage, run_id)])
     summary.elapsed_s = round(time.monotonic() - started, 3)
     if summary.reused + summary.embedded + summary.quarantined != summary.canonical_images:
         raise EmbedError(f"accounting mismatch in embed {run_id}: {summary.reused} reused + {summary.embedded} "

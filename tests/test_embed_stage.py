@@ -40,6 +40,17 @@ def test_embeds_canonical_images_once(spark, planted, tmp_path):  # noqa: F811
     other = run_embed(avg, "r2", spark=spark)                # another model version re-embeds, on purpose
     assert other.model_version != first.model_version and other.embedded == len(canonical)
 
+    with_pca = settings.model_copy(update={"embed": settings.embed.model_copy(update={"pca_dim": 3})})
+    projected = run_embed(with_pca, "r2", spark=spark)      # fitted on the cached vectors, no re-embedding
+    assert (projected.embedded, projected.pca_projected) == (0, len(canonical))
+    assert projected.model_version not in (first.model_version, other.model_version)
+    small = np.stack(read_embeddings(storage, projected.model_version)["vector"].to_numpy())
+    assert small.shape == (len(canonical), 3) and np.allclose(np.linalg.norm(small, axis=1), 1.0, atol=1e-5)
+    from pipelines.embed import spec_from_settings
+    from pipelines.model import model_version
+    assert model_version(spec_from_settings(with_pca.embed, storage)) == projected.model_version
+    assert run_embed(with_pca, "r2", spark=spark).pca_projected == 0  # same PCA next time: nothing to do
+
 
 def test_undecodable_canonical_image_is_quarantined(spark, planted, tmp_path):  # noqa: F811
     warehouse = (tmp_path / "wh").as_uri()
