@@ -79,6 +79,43 @@ def duplicate_cluster_samples(storage: Storage, run_id: str, clusters: int = 8, 
     return samples
 
 
+def sample_search_results(settings, run_id: str, index_name: str, queries: int = 4, k: int = 5) -> list[dict]:
+    """Search a few canonical images of different categories against the published snapshot
+    (pulled like a serving team would), with thumbnails of the query and of each hit."""
+    import tempfile
+    from pathlib import Path
+
+    from pipelines.client import SnapshotClient, pull
+    from pipelines.dedup import read_dedup_images
+    from pipelines.storage import open_storage
+
+    storage = open_storage(settings.warehouse, settings.s3)
+    rows = read_dedup_images(storage, run_id)
+    rows = rows[rows["duplicate_kind"] == "none"].sort_values(["category", "product_id"])
+    picks = rows.groupby("category").head(1).head(queries)
+    with tempfile.TemporaryDirectory(prefix="report-search-") as tmp:
+        pulled = pull(settings.warehouse, Path(tmp) / "snap", s3=settings.s3, index_name=index_name)
+        client = SnapshotClient(pulled.path)
+        blobs = _bytes_for(storage, run_id, set(picks["sha256"]))
+        paths = []
+        for sha in picks["sha256"]:
+            path = Path(tmp) / f"{sha[:16]}.img"
+            path.write_bytes(blobs[sha])
+            paths.append(str(path))
+        results = client.search_images(paths, k=k)
+    by_product = rows.drop_duplicates("product_id").set_index("product_id")["sha256"]
+    hit_shas = {by_product.get(h.product_id) for r in results for h in r.results} - {None}
+    hit_blobs = _bytes_for(storage, run_id, hit_shas)
+    samples = []
+    for row, result in zip(picks.itertuples(), results):
+        samples.append({"query": f"{row.product_id} ({row.category})", "thumb": thumbnail_data_uri(blobs[row.sha256]),
+                        "results": [{"product_id": h.product_id, "category": h.category, "score": float(h.score),
+                                     "thumb": thumbnail_data_uri(hit_blobs[by_product[h.product_id]])
+                                     if by_product.get(h.product_id) in hit_blobs else None}
+                                    for h in result.results]})
+    return samples
+
+
 def build_report(storage: Storage, run_id: str, *, stage_timings: dict[str, float] | None = None,
                  search_samples: list[dict] | None = None, extra: dict[str, Any] | None = None) -> dict:
     """Collect everything committed for `run_id` into one dict; write JSON and HTML."""

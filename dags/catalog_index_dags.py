@@ -1,0 +1,144 @@
+"""Airflow DAGs of catalog-index: the nightly reindex and the category backfill.
+
+Scheduling only: every task runs one pipeline stage through `pipelines.pipeline.run_stage`
+(in-process, local Spark) or, when a Spark connection is configured, submits the stage's
+job file (`jobs/<stage>.py`) with SparkSubmitOperator. No stage logic lives here.
+
+Environment (read when the DAG file is parsed):
+  CATALOG_INDEX_WAREHOUSE         warehouse URI (default ~/.catalog-index/warehouse)
+  CATALOG_INDEX_MANIFEST          default manifest URI for the nightly run
+  CATALOG_INDEX_SCHEDULE          cron for the nightly run (default "0 2 * * *")
+  CATALOG_INDEX_SPARK_CONN_ID     set to a Spark connection id to spark-submit the stages
+  CATALOG_INDEX_GPU_POOL          Airflow pool that caps concurrent GPU embedding tasks
+"""
+from __future__ import annotations
+
+import logging
+import os
+from datetime import timedelta
+from pathlib import Path
+
+import pendulum
+from airflow.sdk import DAG, Asset, Param, task
+
+REPO = Path(__file__).resolve().parents[1]
+SNAPSHOT_ASSET = Asset(name="catalog_index_snapshot", uri=f"file://{REPO}/indexes/LATEST")
+SPARK_CONN_ID = os.environ.get("CATALOG_INDEX_SPARK_CONN_ID")
+GPU_POOL = os.environ.get("CATALOG_INDEX_GPU_POOL", "default_pool")
+DEFAULT_WAREHOUSE = os.environ.get("CATALOG_INDEX_WAREHOUSE", (Path.home() / ".catalog-index" / "warehouse").as_uri())
+log = logging.getLogger(__name__)
+
+# Stage -> (execution timeout, stage names passed to run_stage).
+STAGE_TIMEOUTS = {"crawl": 4, "dedup": 2, "validate": 1, "embed": 6, "build_index": 3, "validate_index": 1,
+                  "publish": 1}
+
+
+def notify_failure(context) -> None:
+    """Failure callback: one line that says which night, which stage, and where to look."""
+    ti = context["ti"]
+    run_id = context["params"].get("run_id") or context["ts_nodash"] + "Z"
+    log.error("catalog-index %s failed at %s (try %s). Run report: %s/reports/%s/report.html. "
+              "Fix and clear the task to resume: finished Spark tasks are not redone.",
+              ti.dag_id, ti.task_id, ti.try_number, context["params"]["warehouse"], run_id)
+
+
+DEFAULT_ARGS = {
+    "owner": "data-engineering",
+    "retries": 2,
+    "retry_delay": timedelta(minutes=5),
+    "retry_exponential_backoff": True,
+    "max_retry_delay": timedelta(minutes=30),
+    "on_failure_callback": notify_failure,
+}
+
+
+def _settings_overrides(params: dict) -> dict:
+    return {"warehouse": params["warehouse"], "crawl": {"allow_private_hosts": params["allow_private_hosts"]}}
+
+
+def run_stage_in_process(stage: str, params: dict, run_id: str) -> dict:
+    """Run one stage here (local Spark); returns a small JSON-able summary for XCom."""
+    from pipelines.config import load_settings
+    from pipelines.pipeline import PipelineStopped, RunContext, run_stage
+    from pipelines.spark import get_spark
+
+    settings = load_settings(**_settings_overrides(params))
+    ctx = RunContext(settings, run_id, manifest=params.get("manifest"), categories=params.get("categories") or None,
+                     force=params["force"], spark=lambda: get_spark(settings, f"catalog-index {stage} {run_id}"))
+    try:
+        result = run_stage(stage, ctx)
+    except PipelineStopped as exc:
+        from airflow.exceptions import AirflowFailException
+
+        raise AirflowFailException(str(exc)) from exc  # a gate is not retried: it needs a person
+    return {"stage": stage, "run_id": run_id, "result": str(result)[:2000]}
+
+
+def _stage_task(stage: str, dag_id: str, **kwargs):
+    timeout = timedelta(hours=STAGE_TIMEOUTS[stage])
+    if SPARK_CONN_ID:
+        from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
+
+        args = ["--warehouse", "{{ params.warehouse }}", "--run-id", "{{ params.run_id or ts_nodash ~ 'Z' }}"]
+        if stage == "crawl":
+            args += ["--manifest", "{{ params.manifest }}"]
+        job = {"validate": "validate", "validate_index": "validate"}.get(stage, stage)
+        return SparkSubmitOperator(task_id=stage, conn_id=SPARK_CONN_ID, application=str(REPO / "jobs" / f"{job}.py"),
+                                   application_args=args, properties_file=str(REPO / "infra" / "spark" / "cluster.conf"),
+                                   execution_timeout=timeout, **kwargs)
+
+    @task(task_id=stage, execution_timeout=timeout, **kwargs)
+    def run(**context):
+        params = context["params"]
+        return run_stage_in_process(stage, params, params.get("run_id") or context["ts_nodash"] + "Z")
+
+    return run()
+
+
+def _pipeline(dag_id: str) -> None:
+    tasks = [_stage_task("crawl", dag_id), _stage_task("dedup", dag_id), _stage_task("validate", dag_id),
+             _stage_task("embed", dag_id, pool=GPU_POOL), _stage_task("build_index", dag_id),
+             _stage_task("validate_index", dag_id), _stage_task("publish", dag_id, outlets=[SNAPSHOT_ASSET])]
+    for upstream, downstream in zip(tasks, tasks[1:]):
+        upstream >> downstream
+
+
+COMMON_PARAMS = {
+    "warehouse": Param(DEFAULT_WAREHOUSE, type="string", description="file:///path or s3://bucket/prefix"),
+    "manifest": Param(os.environ.get("CATALOG_INDEX_MANIFEST", str(REPO / "sample" / "manifest.csv")),
+                      type="string", minLength=1,
+                      description="catalog manifest URI (.csv/.parquet/.jsonl; path, http(s)://, s3://)"),
+    "run_id": Param(None, type=["null", "string"], description="default: the logical time, e.g. 20261123T020000Z"),
+    "allow_private_hosts": Param(False, type="boolean", description="allow image URLs on private addresses"),
+    "force": Param(False, type="boolean", description="publish even if a validation gate trips (recorded)"),
+}
+
+with DAG(
+    dag_id="catalog_nightly_reindex",
+    description="crawl -> dedup -> validate -> embed -> build index -> validate index -> publish",
+    schedule=os.environ.get("CATALOG_INDEX_SCHEDULE", "0 2 * * *"),
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    dagrun_timeout=timedelta(hours=12),
+    default_args=DEFAULT_ARGS,
+    params={**COMMON_PARAMS, "categories": Param([], type="array", description="empty: every category")},
+    tags=["catalog-index"],
+    doc_md=__doc__,
+) as nightly:
+    _pipeline("catalog_nightly_reindex")
+
+with DAG(
+    dag_id="catalog_backfill",
+    description="rerun the pipeline for some categories; other categories' shards stay byte-identical",
+    schedule=None,
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    default_args=DEFAULT_ARGS,
+    params={**COMMON_PARAMS, "categories": Param(type="array", minItems=1, items={"type": "string", "minLength": 1},
+                                                 description="categories to backfill (required)")},
+    tags=["catalog-index"],
+    doc_md=__doc__,
+) as backfill:
+    _pipeline("catalog_backfill")

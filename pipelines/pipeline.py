@@ -1,0 +1,176 @@
+"""The nightly pipeline as one sequence of stages, shared by `catalog-index run/backfill` and the DAGs.
+
+    crawl -> dedup -> validate (manifest, images) -> embed -> validate (embeddings)
+          -> build-index -> validate (index) -> publish
+
+`run_stage` runs one named stage for a run id; `run_pipeline` runs them in order, stops at
+the first stage or gate that refuses (nothing is published then), times every stage and
+writes the run report either way. Stage logic lives in the stage modules; this module only
+sequences them, so Airflow tasks and the one-command run do exactly the same work.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from pipelines.config import Settings
+
+STAGES = ["crawl", "dedup", "validate", "embed", "build_index", "validate_index", "publish"]
+
+
+class PipelineStopped(RuntimeError):
+    """A stage or a gate stopped the run before publish; the published snapshot is untouched."""
+
+    def __init__(self, stage: str, reason: str, report_key: str | None = None):
+        super().__init__(f"run stopped at {stage}: {reason}")
+        self.stage, self.reason, self.report_key = stage, reason, report_key
+
+
+@dataclass
+class RunContext:
+    settings: Settings
+    run_id: str
+    manifest: str | None = None
+    categories: list[str] | None = None
+    force: bool = False
+    runner: str = "spark"
+    spark: Any = None            # a SparkSession or a factory for one
+    results: dict[str, Any] = field(default_factory=dict)
+
+    def session(self):
+        if self.runner != "spark":
+            return None
+        if callable(self.spark):
+            self.spark = self.spark()
+        return self.spark
+
+
+def _crawl(ctx: RunContext):
+    from pipelines.crawl import run_crawl
+
+    if not ctx.manifest:
+        raise ValueError("the crawl stage needs a manifest (--manifest)")
+    return run_crawl(ctx.settings, ctx.manifest, ctx.run_id, categories=ctx.categories, runner=ctx.runner,
+                     spark=ctx.spark)
+
+
+def _dedup(ctx: RunContext):
+    from pipelines.dedup import run_dedup
+
+    return run_dedup(ctx.settings, ctx.run_id, runner=ctx.runner, spark=ctx.spark)
+
+
+def _validate(ctx: RunContext, stages: tuple[str, ...]):
+    from pipelines.validate import validate_stage
+
+    return {stage: validate_stage(ctx.settings, ctx.run_id, stage, spark=ctx.session(), force=ctx.force)
+            for stage in stages}
+
+
+def _embed(ctx: RunContext):
+    from pipelines.embed import run_embed
+
+    return run_embed(ctx.settings, ctx.run_id, runner=ctx.runner, spark=ctx.spark)
+
+
+def _build_index(ctx: RunContext):
+    from pipelines.embed import spec_from_settings
+    from pipelines.index import build_index
+
+    return build_index(ctx.settings, ctx.run_id, model=spec_from_settings(ctx.settings.embed),
+                       categories=ctx.categories, runner=ctx.runner, spark=ctx.spark)
+
+
+def _publish(ctx: RunContext):
+    from pipelines.index import index_settings_from
+    from pipelines.publish import publish_snapshot
+    from pipelines.storage import open_storage
+
+    cfg = index_settings_from(ctx.settings)
+    build = ctx.results.get("build_index")
+    return publish_snapshot(open_storage(ctx.settings.warehouse, ctx.settings.s3), cfg.name,
+                            snapshot_id=getattr(build, "snapshot_id", None), run_id=ctx.run_id,
+                            keep_snapshots=cfg.keep_snapshots)
+
+
+STAGE_FUNCTIONS: dict[str, Callable[[RunContext], Any]] = {
+    "crawl": _crawl,
+    "dedup": _dedup,
+    "validate": lambda ctx: _validate(ctx, ("manifest", "images")),
+    "embed": _embed,
+    "build_index": _build_index,
+    "validate_index": lambda ctx: _validate(ctx, ("embeddings", "index")),
+    "publish": _publish,
+}
+
+
+def run_stage(stage: str, ctx: RunContext) -> Any:
+    """Run one stage; translate the stage's refusals into PipelineStopped."""
+    from pipelines.crawl import CrawlError
+    from pipelines.dedup import DedupError
+    from pipelines.embed import EmbedError
+
+    refusals: tuple[type[BaseException], ...] = (CrawlError, DedupError, EmbedError)
+    try:
+        from pipelines.gates import GateFailed
+        from pipelines.index import IndexBuildError, IndexCheckFailed
+        from pipelines.publish import PublishError
+
+        refusals += (GateFailed, IndexCheckFailed, IndexBuildError, PublishError)
+    except ImportError:  # stages not installed in this build
+        pass
+    try:
+        result = STAGE_FUNCTIONS[stage](ctx)
+    except refusals as exc:
+        raise PipelineStopped(stage, str(exc), getattr(exc, "report_key", None)) from exc
+    ctx.results[stage] = result
+    return result
+
+
+def run_pipeline(ctx: RunContext, stages: list[str] | None = None,
+                 on_stage: Callable[[str, float, Any], None] | None = None) -> dict[str, Any]:
+    """Run the stages in order; always write the run report; re-raise PipelineStopped."""
+    from pipelines.report import build_report
+    from pipelines.storage import open_storage
+
+    timings: dict[str, float] = {}
+    stopped: PipelineStopped | None = None
+    for stage in stages or STAGES:
+        started = time.monotonic()
+        try:
+            result = run_stage(stage, ctx)
+        except PipelineStopped as exc:
+            stopped = exc
+            timings[stage] = round(time.monotonic() - started, 2)
+            break
+        timings[stage] = round(time.monotonic() - started, 2)
+        if on_stage:
+            on_stage(stage, timings[stage], result)
+    extra: dict[str, Any] = {"categories": ctx.categories, "forced": ctx.force}
+    publish = ctx.results.get("publish")
+    if publish is not None:
+        manifest = publish.manifest
+        extra["snapshot"] = {"snapshot_id": publish.snapshot_id, "previous": publish.previous_snapshot,
+                             "vectors": manifest["totals"]["vectors"], "products": manifest["totals"]["products"],
+                             "shards": manifest["totals"]["shards"], "recall_at_10": manifest["recall_at_10"]["min"],
+                             "index": manifest["index_name"]}
+    if stopped is not None:
+        extra["stopped"] = str(stopped)
+    storage = open_storage(ctx.settings.warehouse, ctx.settings.s3)
+    report = build_report(storage, ctx.run_id, stage_timings=timings, extra=extra,
+                          search_samples=_search_samples(ctx) if publish is not None else None)
+    if stopped is not None:
+        raise stopped
+    return report
+
+
+def _search_samples(ctx: RunContext, queries: int = 4, k: int = 5) -> list[dict]:
+    """A few catalog images searched against the just-published snapshot, for the report."""
+    from pipelines.report import sample_search_results
+
+    try:
+        return sample_search_results(ctx.settings, ctx.run_id, ctx.results["publish"].manifest["index_name"],
+                                     queries=queries, k=k)
+    except Exception as exc:  # the report must not fail the run
+        return [{"query": f"sample search unavailable: {exc}", "results": []}]
