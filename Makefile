@@ -5,12 +5,13 @@ STAMP := $(VENV)/.installed
 SIZE  ?= 1000
 WAREHOUSE ?= file://$(CURDIR)/warehouse
 
-.PHONY: setup run test test-fast clean help
+.PHONY: setup run test airflow clean help
 
 help:
-	@echo "make run    - crawl the bundled sample catalog (SIZE=$(SIZE), SIZE=all for ~8,100 images) into $(WAREHOUSE)"
+	@echo "make run    - run the whole pipeline on the bundled sample catalog (SIZE=$(SIZE), SIZE=all for ~8,100 images) into $(WAREHOUSE)"
 	@echo "make test   - run the test suite (unit + integration: real Spark, HTTP, S3 over HTTP)"
 	@echo "make setup  - install Debian packages and the .venv (both targets above call it)"
+	@echo "make airflow - start Airflow (standalone, SQLite) with the catalog-index DAGs on http://localhost:8080"
 
 setup: $(STAMP)
 
@@ -23,6 +24,11 @@ run: setup
 
 test: setup
 	$(VENV)/bin/python -m pytest -q
+
+airflow: setup
+	AIRFLOW_HOME=$(CURDIR)/airflow-home AIRFLOW__CORE__DAGS_FOLDER=$(CURDIR)/dags AIRFLOW__CORE__LOAD_EXAMPLES=False \
+	CATALOG_INDEX_WAREHOUSE=$(WAREHOUSE) CATALOG_INDEX_MANIFEST=$(CURDIR)/sample/manifest.csv \
+	$(VENV)/bin/airflow standalone
 
 clean:
 	rm -rf warehouse sample .pytest_cache

@@ -23,5 +23,6 @@ done
 
 .venv/bin/catalog-index sample manifest --base-url "http://127.0.0.1:$PORT" --size "$SIZE" --output sample/manifest.csv
 # The sample server listens on 127.0.0.1, which the SSRF guard refuses by default.
-.venv/bin/catalog-index crawl --manifest sample/manifest.csv --warehouse "$WAREHOUSE" --allow-private-hosts
-echo "make run: crawled the sample catalog into $WAREHOUSE (run again to see the incremental re-crawl)"
+.venv/bin/catalog-index run --manifest sample/manifest.csv --warehouse "$WAREHOUSE" --allow-private-hosts
+echo "make run: the sample catalog is indexed in $WAREHOUSE; run it again to see the incremental night"
+echo "  (nothing re-downloaded or re-embedded). Serve it: .venv/bin/catalog-index pull --warehouse $WAREHOUSE --dest sample/serving"

@@ -412,6 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_crawl(sub)
+    from pipelines.validate_cli import _add_validate
+
+    _add_validate(sub)
     _add_dedup(sub)
     _add_embed(sub)
     _add_run(sub)

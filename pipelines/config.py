@@ -16,6 +16,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from pipelines.gates import ValidateSettings
+
 DEFAULT_WAREHOUSE = (Path.home() / ".catalog-index" / "warehouse").as_uri()
 
 
@@ -97,6 +99,7 @@ class Settings(_Section):
     crawl: CrawlSettings = Field(default_factory=CrawlSettings)
     dedup: DedupSettings = Field(default_factory=DedupSettings)
     embed: EmbedSettings = Field(default_factory=EmbedSettings)
+    validation: ValidateSettings = Field(default_factory=ValidateSettings)
 
 
 

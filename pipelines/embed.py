@@ -119,6 +119,7 @@ class EmbedSummary:
     model_version: str
     device: str
     canonical_images: int = 0
+    excluded_by_validation: int = 0
     embedded: int = 0
     reused: int = 0
     quarantined: int = 0
@@ -207,8 +208,13 @@ def run_embed(settings: Settings, run_id: str, *, runner: str = "spark", spark=N
     base_spec = spec_from_settings(settings.embed.model_copy(update={"pca_dim": None}))
     version = model_version(base_spec)
     dedup = read_dedup_images(storage, run_id)
-    canonical = sorted(set(dedup["canonical_sha256"]))
-    summary = EmbedSummary(run_id=run_id, model_version=version, device="cpu", canonical_images=len(canonical))
+    from pipelines.validate import quarantined_sha256s
+
+    # Images the validate stage quarantined (too small, odd aspect ratio...) are not embedded.
+    rejected = quarantined_sha256s(storage, run_id, "images")
+    canonical = sorted(set(dedup["canonical_sha256"]) - rejected)
+    summary = EmbedSummary(run_id=run_id, model_version=version, device="cpu", canonical_images=len(canonical),
+                           excluded_by_validation=len(set(dedup["canonical_sha256"]) & rejected))
     # Finished parts of a killed or repeated run stay: their vectors are valid cache entries,
     # so a rerun resumes where it stopped. Quarantine is recomputed for what is left.
     storage.delete_prefix(layout.quarantine_prefix(run_id, "embed"))

@@ -1,0 +1,516 @@
+"""Expectation suites from `schemas/gx/*.json`, run with Great Expectations on Spark DataFrames.
+
+Three jobs, one per function group:
+- `load_suite`: read a reviewable suite file (GX 1.x ExpectationSuite JSON) and check that GX
+  can build every expectation in it. Thresholds are `{"$PARAMETER": name}` references,
+  filled in at run time from `ValidateSettings` (or from the previous run, for categories).
+- `run_suite`: validate a Spark DataFrame through GX's Spark datasource (a Checkpoint in an
+  ephemeral context) and write the Data Docs HTML site into a local folder.
+- `find_failing_rows`: turn the suite's row-level expectations into Spark expressions with the
+  same conditions and bring back only the failing rows (as Arrow), each with the name of the
+  first expectation it failed as its reason and a detail naming every failure.
+
+Severity decides what a failure does: `critical` row-level expectations quarantine rows,
+`critical` batch-level ones stop the run (see `pipelines.gates`), `warning`/`info` ones are
+flagged in the report only. An expectation type this module cannot express as a Spark
+filter is treated as batch-level: it stops the run rather than let bad rows through.
+
+This module must never collect a whole table to the driver: GX computes its metrics in
+Spark, and only failing rows come back.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import pyarrow as pa
+
+SUITES_DIR = Path(__file__).resolve().parents[1] / "schemas" / "gx"
+PARAMETER = "$PARAMETER"
+CRITICAL = "critical"
+_DOCS_SITE = "run_reports"
+
+
+class SuiteError(ValueError):
+    """A suite file is unusable, or a parameter it names was not given; the message says which."""
+
+
+# ---------------------------------------------------------------------------------------
+# suite files
+# ---------------------------------------------------------------------------------------
+
+def expectation_name(config: dict[str, Any]) -> str:
+    """Stable, machine-readable name of one expectation: its type and the columns it checks,
+    e.g. `expect_column_values_to_be_between:width`. Quarantine reasons use it."""
+    kwargs = config.get("kwargs", {})
+    if "column" in kwargs:
+        return f"{config['type']}:{kwargs['column']}"
+    if "column_list" in kwargs:
+        return f"{config['type']}:{'+'.join(kwargs['column_list'])}"
+    if "column_A" in kwargs:
+        return f"{config['type']}:{kwargs['column_A']}+{kwargs['column_B']}"
+    return config["type"]
+
+
+def load_suite(name: str, suites_dir: Path = SUITES_DIR) -> dict[str, Any]:
+    """The suite `schemas/gx/<name>.json` as a dict, after checking GX can build it."""
+    path = Path(suites_dir) / f"{name}.json"
+    if not path.is_file():
+        raise SuiteError(f"expectation suite {path} not found (suites live in {suites_dir})")
+    return copy.deepcopy(_load_suite_file(path, path.stat().st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=16)
+def _load_suite_file(path: Path, mtime_ns: int) -> dict[str, Any]:
+    # Cached per file version: building GX's expectation objects to check a suite is not free,
+    # and a stage reads its suite more than once.
+    try:
+        suite = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise SuiteError(f"{path} is not valid JSON: {exc}") from exc
+    names = [expectation_name(e) for e in suite.get("expectations", [])]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise SuiteError(f"{path}: expectations must be unique per type and column (quarantine reasons "
+                         f"name them); repeated: {', '.join(repeated)}")
+    _import_gx()
+    from great_expectations.expectations.expectation_configuration import ExpectationConfiguration
+
+    # One by one: ExpectationSuite() logs and drops an expectation it cannot build.
+    for config in _gx_suite_kwargs(suite)["expectations"]:
+        try:
+            ExpectationConfiguration(**config).to_domain_obj()
+        except Exception as exc:  # GX raises several unrelated types for a bad configuration
+            raise SuiteError(f"{path}: Great Expectations cannot build {expectation_name(config)}: {exc}") from exc
+    return suite
+
+
+def _gx_suite_kwargs(suite: dict[str, Any]) -> dict[str, Any]:
+    keep = ("type", "kwargs", "meta", "notes", "severity", "description")
+    return {"name": suite["name"], "meta": suite.get("meta", {}),
+            "expectations": [{k: copy.deepcopy(e[k]) for k in keep if k in e} for e in suite["expectations"]]}
+
+
+def resolve_parameters(value: Any, parameters: dict[str, Any], where: str = "") -> Any:
+    """`value` with every `{"$PARAMETER": name}` replaced by `parameters[name]`."""
+    if isinstance(value, dict):
+        if set(value) == {PARAMETER}:
+            name = value[PARAMETER]
+            if name not in parameters:
+                raise SuiteError(f"{where or 'suite'} needs parameter {name!r}, which was not given")
+            return parameters[name]
+        return {k: resolve_parameters(v, parameters, where) for k, v in value.items()}
+    if isinstance(value, list):
+        return [resolve_parameters(v, parameters, where) for v in value]
+    return value
+
+
+def severity_of(config: dict[str, Any]) -> str:
+    return str(config.get("severity", CRITICAL)).lower()
+
+
+def is_row_level(config: dict[str, Any]) -> bool:
+    return config["type"] in ROW_CONDITIONS
+
+
+# ---------------------------------------------------------------------------------------
+# running GX on Spark, with Data Docs
+# ---------------------------------------------------------------------------------------
+
+def _import_gx():
+    # GX logs every metric it could not compute at WARNING, which drowns the CLI output;
+    # its results carry the same information.
+    logging.getLogger("great_expectations").setLevel(logging.ERROR)
+    import great_expectations  # noqa: F401  (first import takes seconds: do it once, here)
+
+
+def _jinja_bytecode_cache():
+    """Data Docs compile ~100 Jinja templates per page build, which is most of its time;
+    a bytecode cache shared by every view (and every process of this user) removes that."""
+    global _BYTECODE_CACHE
+    if _BYTECODE_CACHE is None:
+        import jinja2
+
+        _BYTECODE_CACHE = jinja2.FileSystemBytecodeCache()
+    return _BYTECODE_CACHE
+
+
+_BYTECODE_CACHE = None
+
+
+@functools.cache
+def _cached_view(base_name: str):
+    """GX's Jinja view class `base_name`, with the shared bytecode cache."""
+    from great_expectations.render.view import view
+
+    class View(getattr(view, base_name)):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.env.bytecode_cache = _jinja_bytecode_cache()
+
+    View.__name__ = View.__qualname__ = f"Cached{base_name}"
+    return View
+
+
+def __getattr__(name: str):
+    # Views are built on first use so that importing this module does not import GX; GX's
+    # site builder looks them up by module and class name from the site config.
+    if name in ("CachedDefaultJinjaPageView", "CachedDefaultJinjaIndexPageView"):
+        return _cached_view(name.removeprefix("Cached"))
+    raise AttributeError(name)
+
+
+def _docs_site_config(docs_dir: Path) -> dict[str, Any]:
+    page_view = {"module_name": __name__, "class_name": "CachedDefaultJinjaPageView"}
+    return {
+        "class_name": "SiteBuilder",
+        "show_how_to_buttons": False,
+        "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)},
+        "site_index_builder": {"class_name": "DefaultSiteIndexBuilder",
+                               "view": {"module_name": __name__, "class_name": "CachedDefaultJinjaIndexPageView"}},
+        "site_section_builders": {"expectations": {"view": page_view}, "validations": {"view": page_view},
+                                  "profiling": "None"},
+    }
+
+
+@dataclass
+class ExpectationOutcome:
+    """One expectation's GX result, in plain JSON-able form."""
+
+    name: str
+    type: str
+    kwargs: dict[str, Any]          # parameters resolved
+    severity: str
+    row_level: bool
+    success: bool
+    result: dict[str, Any]          # GX's result dict (counts, observed_value, partial lists)
+    exception: str | None = None
+
+    @property
+    def observed(self) -> Any:
+        if "observed_value" in self.result:
+            return self.result["observed_value"]
+        if "unexpected_count" in self.result:
+            return {"unexpected_count": self.result["unexpected_count"],
+                    "element_count": self.result.get("element_count")}
+        return self.exception or "no result"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"expectation": self.name, "type": self.type, "kwargs": self.kwargs, "severity": self.severity,
+                "row_level": self.row_level, "success": self.success, "result": self.result,
+                "exception": self.exception}
+
+
+def run_suite(df, suite: dict[str, Any], parameters: dict[str, Any], *, run_name: str, docs_dir: Path | None,
+              asset_name: str | None = None, result_format: str = "SUMMARY",
+              sample_failing_values: int = 0) -> list[ExpectationOutcome]:
+    """Validate Spark DataFrame `df` against `suite` with GX; build Data Docs into `docs_dir`.
+
+    Runs a Checkpoint (ValidationDefinition over a whole-dataframe batch of a Spark
+    datasource) in an ephemeral context; the results come back in suite order.
+    `sample_failing_values` > 0 adds that many failing values per expectation to the
+    results, at the price of one more Spark job per row-level expectation.
+    """
+    _import_gx()
+    import great_expectations as gx
+    from great_expectations.checkpoint import UpdateDataDocsAction
+    from great_expectations.core.run_identifier import RunIdentifier
+    from great_expectations.data_context.types.base import (DataContextConfig, InMemoryStoreBackendDefaults,
+                                                            ProgressBarsConfig)
+
+    sites = {_DOCS_SITE: _docs_site_config(docs_dir)} if docs_dir is not None else {}
+    context = gx.get_context(mode="ephemeral", project_config=DataContextConfig(
+        store_backend_defaults=InMemoryStoreBackendDefaults(init_temp_docs_sites=False), data_docs_sites=sites,
+        progress_bars=ProgressBarsConfig(globally=False), analytics_enabled=False))
+    actions = [UpdateDataDocsAction(name="data_docs", site_names=[_DOCS_SITE])] if sites else []
+    # persist=False: the caller caches the frame and unpersists it when done.
+    datasource = context.data_sources.add_spark("warehouse", persist=False)
+    batch_definition = datasource.add_dataframe_asset(asset_name or suite["name"]).add_batch_definition_whole_dataframe(
+        "whole_table")
+    gx_suite = context.suites.add(gx.ExpectationSuite(**_gx_suite_kwargs(suite)))
+    definition = context.validation_definitions.add(
+        gx.ValidationDefinition(name=suite["name"], data=batch_definition, suite=gx_suite))
+    checkpoint = context.checkpoints.add(gx.Checkpoint(
+        name=f"{suite['name']}_checkpoint", validation_definitions=[definition], actions=actions,
+        result_format={"result_format": result_format, "partial_unexpected_count": sample_failing_values}))
+    result = checkpoint.run(batch_parameters={"dataframe": df}, expectation_parameters=parameters,
+                            run_id=RunIdentifier(run_name=run_name))
+    (validation,) = result.run_results.values()
+    by_name = {}
+    for item in validation.results:
+        config = item.expectation_config
+        as_dict = {"type": config.type, "kwargs": dict(config.kwargs)}
+        info = item.exception_info or {}
+        by_name[expectation_name(as_dict)] = (item, info.get("exception_message") if info.get("raised_exception") else None)
+    outcomes = []
+    for config in suite["expectations"]:
+        name = expectation_name(config)
+        item, exception = by_name.get(name, (None, "Great Expectations returned no result for this expectation"))
+        outcomes.append(ExpectationOutcome(
+            name=name, type=config["type"], kwargs=_json_safe(resolve_parameters(config["kwargs"], parameters, name)),
+            severity=severity_of(config), row_level=is_row_level(config),
+            success=bool(item is not None and item.success),  # no result counts as a failure, never a pass
+            result=_json_safe(item.to_json_dict().get("result") or {}) if item is not None else {},
+            exception=exception))
+    return outcomes
+
+
+def _json_safe(value: Any) -> Any:
+    """GX results as strict JSON: numpy/Spark types converted, NaN and inf as null."""
+    from great_expectations.util import convert_to_json_serializable
+
+    return _finite_or_none(convert_to_json_serializable(value))
+
+
+def _finite_or_none(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    return value
+
+
+# ---------------------------------------------------------------------------------------
+# failing rows, found with Spark from the same expectation configurations
+# ---------------------------------------------------------------------------------------
+
+@dataclass
+class RowCheck:
+    """A row-level expectation as Spark columns: `unexpected` is true on a failing row."""
+
+    name: str
+    unexpected: Any     # pyspark Column (boolean)
+    detail: Any         # pyspark Column (string)
+
+
+def _describe_bounds(kwargs: dict[str, Any]) -> str:
+    low, high = kwargs.get("min_value"), kwargs.get("max_value")
+    low_op = ">" if kwargs.get("strict_min") else ">="
+    high_op = "<" if kwargs.get("strict_max") else "<="
+    if low is not None and high is not None:
+        return f"between {low} and {high}" if low != high else f"exactly {low}"
+    return f"{low_op} {low}" if low is not None else f"{high_op} {high}"
+
+
+def _between(kwargs, columns):
+    from pyspark.sql import functions as F
+
+    column = F.col(kwargs["column"])
+    inside = F.lit(True)
+    if kwargs.get("min_value") is not None:
+        low = F.lit(kwargs["min_value"])
+        inside = inside & ((column > low) if kwargs.get("strict_min") else (column >= low))
+    if kwargs.get("max_value") is not None:
+        high = F.lit(kwargs["max_value"])
+        inside = inside & ((column < high) if kwargs.get("strict_max") else (column <= high))
+    # Like GX: nulls are not checked by value expectations (not_be_null is there for that).
+    return column.isNotNull() & ~inside, f"expected {_describe_bounds(kwargs)}"
+
+
+def _length_between(kwargs, columns):
+    from pyspark.sql import functions as F
+
+    length = F.length(F.col(kwargs["column"]))
+    inside = F.lit(True)
+    if kwargs.get("min_value") is not None:
+        inside = inside & (length >= F.lit(kwargs["min_value"]))
+    if kwargs.get("max_value") is not None:
+        inside = inside & (length <= F.lit(kwargs["max_value"]))
+    return F.col(kwargs["column"]).isNotNull() & ~inside, f"length expected {_describe_bounds(kwargs)}"
+
+
+def _describe_set(values: list) -> str:
+    values = list(values)
+    shown = ", ".join(map(str, values[:8])) + (f", ... ({len(values)} values)" if len(values) > 8 else "")
+    return f"{{{shown}}}"
+
+
+def _in_set(kwargs, columns):
+    from pyspark.sql import functions as F
+
+    column, values = F.col(kwargs["column"]), list(kwargs["value_set"] or [])
+    return column.isNotNull() & ~column.isin(values), f"expected one of {_describe_set(values)}"
+
+
+def _not_in_set(kwargs, columns):
+    from pyspark.sql import functions as F
+
+    column, values = F.col(kwargs["column"]), list(kwargs["value_set"] or [])
+    return column.isNotNull() & column.isin(values), f"expected none of {_describe_set(values)}"
+
+
+def _match_regex(kwargs, columns):
+    from pyspark.sql import functions as F
+
+    column = F.col(kwargs["column"])
+    return column.isNotNull() & ~column.rlike(kwargs["regex"]), f"expected to match {kwargs['regex']}"
+
+
+def _not_match_regex(kwargs, columns):
+    from pyspark.sql import functions as F
+
+    column = F.col(kwargs["column"])
+    return column.isNotNull() & column.rlike(kwargs["regex"]), f"expected not to match {kwargs['regex']}"
+
+
+def _not_null(kwargs, columns):
+    from pyspark.sql import functions as F
+
+    return F.col(kwargs["column"]).isNull(), "expected a value, found null"
+
+
+def _unique(kwargs, columns, keep_first_by: str | None = None):
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    names = [kwargs["column"]] if "column" in kwargs else list(kwargs["column_list"])
+    window = Window.partitionBy(*names)
+    copies = F.count(F.lit(1)).over(window)
+    ignore_row_if = kwargs.get("ignore_row_if", "all_values_are_missing")
+    if "column" in kwargs:
+        considered = F.col(names[0]).isNotNull()   # GX skips nulls in single-column uniqueness
+    elif ignore_row_if == "all_values_are_missing":  # GX's default for compound uniqueness
+        considered = ~_all_null(names)
+    elif ignore_row_if == "any_value_is_missing":
+        considered = ~_any_null(names)
+    else:
+        considered = F.lit(True)
+    unexpected = considered & (copies > 1)
+    label = names[0] if len(names) == 1 else f"({', '.join(names)})"
+    if keep_first_by and keep_first_by in columns:
+        # The first copy passes: the catalog keeps one row per (product, image), like the crawl.
+        unexpected = considered & (F.row_number().over(window.orderBy(F.col(keep_first_by))) > 1)
+        return unexpected, f"repeats an earlier row with the same {label} (first copy kept)"
+    return unexpected, f"{label} is not unique (every copy rejected)"
+
+
+def _all_null(names):
+    from pyspark.sql import functions as F
+
+    condition = F.lit(True)
+    for n in names:
+        condition = condition & F.col(n).isNull()
+    return condition
+
+
+def _any_null(names):
+    from pyspark.sql import functions as F
+
+    condition = F.lit(False)
+    for n in names:
+        condition = condition | F.col(n).isNull()
+    return condition
+
+
+ROW_CONDITIONS: dict[str, Callable] = {
+    "expect_column_values_to_not_be_null": _not_null,
+    "expect_column_values_to_be_between": _between,
+    "expect_column_value_lengths_to_be_between": _length_between,
+    "expect_column_values_to_be_in_set": _in_set,
+    "expect_column_values_to_not_be_in_set": _not_in_set,
+    "expect_column_values_to_match_regex": _match_regex,
+    "expect_column_values_to_not_match_regex": _not_match_regex,
+    "expect_column_values_to_be_unique": _unique,
+    "expect_compound_columns_to_be_unique": _unique,
+}
+
+
+def _columns_of(kwargs: dict[str, Any]) -> list[str]:
+    if "column" in kwargs:
+        return [kwargs["column"]]
+    return list(kwargs.get("column_list", []))
+
+
+def row_checks(suite: dict[str, Any], parameters: dict[str, Any], columns: list[str]) -> list[RowCheck]:
+    """Spark conditions for the suite's critical row-level expectations, in suite order.
+
+    An expectation whose column is missing from the frame is skipped here: GX fails it
+    (and the table-columns expectation), which stops the run at the batch level.
+    """
+    from pyspark.sql import functions as F
+
+    checks = []
+    for config in suite["expectations"]:
+        if not is_row_level(config) or severity_of(config) != CRITICAL:
+            continue
+        name = expectation_name(config)
+        kwargs = resolve_parameters(config["kwargs"], parameters, name)
+        if any(c not in columns for c in _columns_of(kwargs)):
+            continue
+        builder = ROW_CONDITIONS[config["type"]]
+        if builder is _unique:
+            unexpected, expected = builder(kwargs, columns, (config.get("meta") or {}).get("keep_first_by"))
+        else:
+            unexpected, expected = builder(kwargs, columns)
+        shown = [F.concat(F.lit(f"{c}="), F.coalesce(F.col(c).cast("string"), F.lit("null"))) for c in _columns_of(kwargs)]
+        detail = F.concat_ws(" ", F.lit(f"{name}:"), *shown, F.lit(f"({expected})"))
+        checks.append(RowCheck(name, F.coalesce(unexpected, F.lit(False)), detail))
+    return checks
+
+
+@dataclass
+class FailingRows:
+    """Rows that failed at least one critical row-level expectation."""
+
+    rows: pa.Table                      # key columns + reason (first failure) + detail (every failure)
+    failures_per_expectation: dict[str, int]
+    input_rows: int
+
+    @property
+    def quarantined(self) -> int:
+        return self.rows.num_rows
+
+
+def find_failing_rows(df, checks: list[RowCheck], carry_columns: list[str],
+                      input_rows: int | None = None) -> FailingRows:
+    """Evaluate every check in one pass over `df` (which the caller has cached); only the
+    failing rows come back to the driver, with the `carry_columns` that exist in `df`.
+    `input_rows` saves a Spark job when the caller has counted the frame already."""
+    from pyspark.sql import functions as F
+
+    input_rows = df.count() if input_rows is None else input_rows
+    carry = [c for c in carry_columns if c in df.columns]
+    if not checks:
+        empty = pa.table({**{c: pa.array([], pa.string()) for c in carry}, "reason": pa.array([], pa.string()),
+                          "detail": pa.array([], pa.string()), "failed": pa.array([], pa.list_(pa.string()))})
+        return FailingRows(empty, {}, input_rows)
+    failures = F.filter(
+        F.array(*[F.when(c.unexpected, F.struct(F.lit(c.name).alias("name"), c.detail.alias("detail")))
+                  for c in checks]),
+        lambda item: item.isNotNull())
+    failing = (df.select(*carry, failures.alias("_failures"))
+               .where(F.size("_failures") > 0)
+               .select(*carry,
+                       F.col("_failures")[0]["name"].alias("reason"),
+                       F.array_join(F.transform("_failures", lambda item: item["detail"]), "; ").alias("detail"),
+                       F.transform("_failures", lambda item: item["name"]).alias("failed")))
+    rows = failing.toArrow()
+    per_expectation = {c.name: 0 for c in checks}
+    for names in rows.column("failed").to_pylist():
+        for name in names:
+            per_expectation[name] += 1
+    return FailingRows(rows, per_expectation, input_rows)
+
+
+def docs_index(docs_dir: Path) -> Path:
+    return Path(docs_dir) / "index.html"
+
+
+def upload_folder(local_dir: Path, storage, prefix: str) -> list[str]:
+    """Copy a local folder (a built Data Docs site) under a warehouse prefix."""
+    keys = []
+    for path in sorted(Path(local_dir).rglob("*")):
+        if path.is_file():
+            key = f"{prefix.rstrip('/')}/{path.relative_to(local_dir).as_posix()}"
+            storage.upload_file(path, key)
+            keys.append(key)
+    return keys
+

@@ -1,0 +1,730 @@
+"""Validate stage: expectation suites and batch-level gates between a stage and publish.
+
+`validate_stage(settings, run_id, stage, spark=...)` runs one stage's suite
+(`schemas/gx/<stage>.json`) with Great Expectations on a Spark DataFrame, then:
+
+- rows failing a critical row-level expectation are written to
+  `quarantine/<run_id>/validate/<stage>.parquet` (QUARANTINE schema; reason = the
+  expectation's name, e.g. `expect_column_values_to_be_between:width`). That file is the
+  stage's output: **downstream stages exclude its keys** (`exclude_quarantined`). No copy of
+  the passing rows is written, because the embeddings table is a cross-run cache that a
+  run must not rewrite, and because an exclusion list costs nothing when all rows pass.
+  Accounting: every input row passes or has exactly one quarantine record (input rows =
+  passed + quarantined), and GX and the row filters must have seen the same rows
+  (`_cross_check`, before anything is written).
+- batch-level gates (`pipelines.gates`) decide whether the run may be published. A tripped
+  gate raises `GateFailed` after the report is written, unless `force=True`, which the
+  report records (`outcome: forced`).
+- `reports/<run_id>/validation/<stage>.json` holds every expectation result and gate;
+  `reports/<run_id>/gx/<stage>/index.html` is the GX Data Docs site.
+
+Inputs per stage (what is validated):
+- manifest:   `runs/<run_id>/manifest.parquet`, blank fields read as null; known categories
+              are those of the previous successful run (new ones are flagged, not rejected).
+- images:     the live rows of the committed crawl (`runs/<run_id>/crawl/state`), with
+              `aspect_ratio`; gates: crawl failure rate, decode failure rate, category drop.
+- embeddings: the canonical images the run has to embed (dedup output less what image
+              validation and the embed stage quarantined) left-joined to
+              `embeddings/<model_version>/` (sha256, model_version, vector), with `dim`,
+              `all_finite`, `norm`.
+- index:      per-shard stats (shard, vector_count, recall_at_10) of the run's newest
+              `indexes/<name>/<snapshot>/_build.json`.
+
+Downstream stages: embed skips `quarantined_sha256s(storage, run_id, "images")`, build-index
+skips those and `quarantined_sha256s(storage, run_id, "embeddings")`.
+
+Reading: tables are read by Spark from the warehouse (`read_spark_table`): `spark.read.parquet`
+on local paths for file:// warehouses, `s3a://` paths for s3:// ones (the cluster needs
+hadoop-aws and `spark.hadoop.fs.s3a.*` settings), or, with `validation.arrow_fallback_for_s3`,
+tables read with boto3 and handed to Spark as Arrow (tests, small warehouses).
+
+This module never edits the data it validates and never touches a published snapshot.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipelines import layout
+from pipelines.config import Settings
+from pipelines.expectations import (CRITICAL, ExpectationOutcome, FailingRows, expectation_name, find_failing_rows,
+                                    load_suite, row_checks, run_suite, upload_folder)
+from pipelines.gates import (GateFailed, GateResult, ValidateSettings, category_drop_gate, crawl_failure_gate,
+                             decode_failure_gate, expectations_gate, quarantine_rate_gate)
+from pipelines.storage import LocalStorage, S3Storage, Storage, open_storage
+from schemas.tables import IMAGE_STATE, MANIFEST, QUARANTINE
+
+STAGES = ("manifest", "images", "embeddings", "index")
+LIVE_STATUSES = ("fetched", "not_modified", "stale", "carried")  # as pipelines.crawl.LIVE_STATUSES
+# Columns copied from a failing row into its quarantine record, when the frame has them.
+_CARRIED = ["row_index", "product_id", "category", "image_url", "sha256", "http_status"]
+
+__all__ = ["STAGES", "GateFailed", "StageValidation", "ValidateSettings", "ValidationInputError",
+           "validate_stage", "validate_manifest", "validate_images", "validate_embeddings", "validate_index",
+           "read_spark_table", "previous_successful_run", "quarantine_key", "report_key", "docs_prefix",
+           "quarantined_keys", "quarantined_sha256s", "exclude_quarantined"]
+
+
+class ValidationInputError(ValueError):
+    """What a stage validates is missing or unreadable; the message says what to run first."""
+
+
+# ---------------------------------------------------------------------------------------
+# where things are (validate-owned keys; the rest is in pipelines.layout)
+# ---------------------------------------------------------------------------------------
+
+def quarantine_key(run_id: str, stage: str) -> str:
+    return f"{layout.quarantine_prefix(run_id, 'validate')}{stage}.parquet"
+
+
+def report_key(run_id: str, stage: str) -> str:
+    return f"{layout.reports_prefix(run_id)}validation/{stage}.json"
+
+
+def docs_prefix(run_id: str, stage: str) -> str:
+    return f"{layout.reports_prefix(run_id)}gx/{stage}/"
+
+
+# Inputs written by other stages (their modules own these keys; repeated here so that
+# validating never imports torch or faiss).
+def embeddings_prefix(model_version: str) -> str:
+    return f"embeddings/{model_version}/"
+
+
+def dedup_images_key(run_id: str) -> str:
+    """Every live image row -> its cluster's canonical_sha256 (schemas.tables.DEDUP_IMAGES)."""
+    return f"dedup/{run_id}/images.parquet"
+
+
+def embed_success_key(run_id: str) -> str:
+    return f"runs/{run_id}/embed/_SUCCESS.json"
+
+
+INDEX_BUILD_FILE = "_build.json"  # indexes/<name>/<snapshot_id>/_build.json: shards, vectors, recall
+
+
+# Row keys downstream stages anti-join on (also in each suite's meta.row_key).
+ROW_KEYS = {"manifest": ["row_index"], "images": ["product_id", "image_url"], "embeddings": ["sha256"],
+            "index": ["shard"]}
+
+
+# ---------------------------------------------------------------------------------------
+# results
+# ---------------------------------------------------------------------------------------
+
+@dataclass
+class StageValidation:
+    """Everything one validation produced; written as reports/<run_id>/validation/<stage>.json."""
+
+    run_id: str
+    stage: str
+    suite: str
+    outcome: str                                   # passed | forced | stopped
+    forced: bool
+    gates: list[GateResult]
+    expectations: list[dict[str, Any]]
+    warnings: list[str]
+    accounting: dict[str, Any]
+    parameters: dict[str, Any]
+    previous_successful_run: str | None
+    quarantine_key: str | None
+    report_key: str
+    data_docs: str | None
+    started_at: str
+    elapsed_s: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tripped(self) -> list[GateResult]:
+        return [g for g in self.gates if not g.passed]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["gates"] = [g.to_dict() for g in self.gates]
+        data["tripped"] = [g.name for g in self.tripped]
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True, default=str)
+
+
+# ---------------------------------------------------------------------------------------
+# reading warehouse tables into Spark
+# ---------------------------------------------------------------------------------------
+
+def read_spark_table(spark, storage: Storage, key_or_prefix: str, schema: pa.Schema | None = None, *,
+                     allow_arrow_fallback: bool = False):
+    """A Spark DataFrame over one Parquet file or every `.parquet` under a prefix.
+
+    Local warehouses: Spark reads the files itself. S3: `s3a://` paths (the session needs
+    hadoop-aws and fs.s3a settings), or, when `allow_arrow_fallback`, the table is read
+    with boto3 on the driver and handed to Spark as Arrow (only for small tables).
+    `schema` is used only when there are no files (an empty table of that schema).
+    """
+    keys = [key_or_prefix] if key_or_prefix.endswith(".parquet") else [
+        k for k in storage.list(key_or_prefix) if k.endswith(".parquet")]
+    if key_or_prefix.endswith(".parquet") and not storage.exists(key_or_prefix):
+        keys = []
+    if not keys:
+        if schema is None:
+            raise ValidationInputError(f"no Parquet files at {storage.uri_for(key_or_prefix)}")
+        return spark.createDataFrame(schema.empty_table())
+    # The schema is read from the files, not imposed: a missing column must show as missing
+    # (the suites check for it), not as a column of nulls.
+    if isinstance(storage, LocalStorage):
+        return spark.read.parquet(*[str(storage.root / k) for k in sorted(keys)])
+    if isinstance(storage, S3Storage):
+        if allow_arrow_fallback:
+            return spark.createDataFrame(storage.read_table(key_or_prefix))
+        base = f"s3a://{storage.bucket}/" + (f"{storage.prefix}/" if storage.prefix else "")
+        return spark.read.parquet(*[base + k for k in sorted(keys)])
+    raise ValidationInputError(f"cannot read {storage.uri_for(key_or_prefix)} with Spark: unknown storage type")
+
+
+# ---------------------------------------------------------------------------------------
+# history
+# ---------------------------------------------------------------------------------------
+
+def _read_json(storage: Storage, key: str) -> dict[str, Any] | None:
+    return json.loads(storage.read_text(key)) if storage.exists(key) else None
+
+
+def _committed_crawl_runs(storage: Storage) -> list[str]:
+    return [r for r in storage.list_dirs("runs") if storage.exists(layout.crawl_success_key(r))]
+
+
+def previous_successful_run(storage: Storage, run_id: str) -> str | None:
+    """Latest run before `run_id` with a committed crawl that no validation stopped
+    (a forced run counts as successful: someone decided to publish it)."""
+    for candidate in sorted((r for r in _committed_crawl_runs(storage) if r < run_id), reverse=True):
+        reports = [k for k in storage.list(f"{layout.reports_prefix(candidate)}validation/") if k.endswith(".json")]
+        if not any((_read_json(storage, k) or {}).get("outcome") == "stopped" for k in reports):
+            return candidate
+    return None
+
+
+# ---------------------------------------------------------------------------------------
+# quarantine keys for downstream stages
+# ---------------------------------------------------------------------------------------
+
+def quarantined_keys(storage: Storage, run_id: str, stage: str) -> pa.Table:
+    """The row keys a validated stage rejected (empty when it rejected none or did not run)."""
+    keys = ROW_KEYS[stage]
+    key = quarantine_key(run_id, stage)
+    if not storage.exists(key):
+        return pa.schema([QUARANTINE.field(k) if k in QUARANTINE.names else pa.field(k, pa.string())
+                          for k in keys]).empty_table()
+    return storage.read_table(key, columns=keys)
+
+
+def quarantined_sha256s(storage: Storage, run_id: str, stage: str) -> set[str]:
+    """Images (sha256) a stage quarantined in this run: validate stages (`images`, `embeddings`)
+    or, with `stage="embed"`, the embed stage's own failures. Every row-level check of the
+    images suite is a property of the bytes, so all rows of one sha256 pass or fail together."""
+    if stage in ROW_KEYS:
+        key = quarantine_key(run_id, stage)
+        if not storage.exists(key):
+            return set()
+        table = storage.read_table(key, columns=["sha256"])
+    else:
+        table = storage.read_table(layout.quarantine_prefix(run_id, stage), columns=["sha256"], schema=QUARANTINE)
+    return {sha for sha in table.column("sha256").to_pylist() if sha}
+
+
+def exclude_quarantined(df, storage: Storage, run_id: str, stage: str, spark):
+    """`df` without the rows validation quarantined for `stage` (anti-join on the stage's row key)."""
+    keys = quarantined_keys(storage, run_id, stage)
+    if keys.num_rows == 0:
+        return df
+    return df.join(spark.createDataFrame(keys), on=ROW_KEYS[stage], how="left_anti")
+
+
+# ---------------------------------------------------------------------------------------
+# the shared run: GX + failing rows + report
+# ---------------------------------------------------------------------------------------
+
+@dataclass
+class _SuiteRun:
+    outcomes: list[ExpectationOutcome]
+    failing: FailingRows | None
+
+
+def _run(spark, df, storage: Storage, run_id: str, stage: str, parameters: dict[str, Any],
+         validation: ValidateSettings, quarantine_rows: bool, input_rows: int | None = None) -> _SuiteRun:
+    """GX on the (cached) frame, Data Docs into the warehouse, failing rows found in Spark."""
+    suite = load_suite(stage)
+    prefix = docs_prefix(run_id, stage)
+    storage.delete_prefix(prefix)  # a rerun replaces its own docs, and only those
+    if isinstance(storage, LocalStorage):
+        docs_dir, staging = storage.root / prefix, None
+    else:
+        staging = Path(tempfile.mkdtemp(prefix="catalog-index-gx-"))
+        docs_dir = staging
+    try:
+        outcomes = run_suite(df, suite, parameters, run_name=run_id, docs_dir=docs_dir,
+                             asset_name=stage, result_format=validation.result_format,
+                             sample_failing_values=validation.sample_failing_values)
+        if staging is not None:
+            upload_folder(staging, storage, prefix)
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+    failing = None
+    if quarantine_rows:
+        failing = find_failing_rows(df, row_checks(suite, parameters, df.columns), _CARRIED, input_rows)
+    return _SuiteRun(outcomes, failing)
+
+
+def _quarantine_table(failing: FailingRows, run_id: str, stage: str) -> pa.Table:
+    rows, n = failing.rows, failing.rows.num_rows
+    now = pa.array([datetime.now(timezone.utc)] * n, QUARANTINE.field("at").type)
+    columns = {"run_id": pa.array([run_id] * n, pa.string()), "stage": pa.array(["validate"] * n, pa.string()),
+               "reason": rows.column("reason"), "detail": rows.column("detail"), "at": now}
+    for f in QUARANTINE:
+        if f.name not in columns:
+            columns[f.name] = rows.column(f.name).cast(f.type) if f.name in rows.column_names else pa.nulls(n, f.type)
+    return pa.table([columns[f.name] for f in QUARANTINE], schema=QUARANTINE)
+
+
+def _expectation_report(outcomes: list[ExpectationOutcome], failing: FailingRows | None) -> list[dict[str, Any]]:
+    report = []
+    for outcome in outcomes:
+        entry = outcome.to_dict()
+        if failing is not None and outcome.name in failing.failures_per_expectation:
+            entry["rows_failing_in_spark"] = failing.failures_per_expectation[outcome.name]
+            entry["quarantined_with_this_reason"] = int(pc.sum(pc.equal(failing.rows.column("reason"),
+                                                                       outcome.name)).as_py() or 0)
+        report.append(entry)
+    return report
+
+
+def _batch_failures(outcomes: list[ExpectationOutcome], include_row_level: bool) -> list[dict[str, Any]]:
+    """Critical expectations whose failure rows cannot absorb: they go to the stage's checks gate."""
+    return [{"expectation": o.name, "observed": o.observed, "kwargs": o.kwargs}
+            for o in outcomes if not o.success and o.severity == CRITICAL and (include_row_level or not o.row_level)]
+
+
+def _warnings(outcomes: list[ExpectationOutcome], explained: set[str]) -> list[str]:
+    """Failed warning/info expectations, except those a stage already explained in its own words."""
+    return [f"{o.name} (severity {o.severity}) failed: observed {o.observed}"
+            for o in outcomes if not o.success and o.severity != CRITICAL and o.name not in explained]
+
+
+def _cross_check(stage: str, outcomes: list[ExpectationOutcome], failing: FailingRows) -> list[str]:
+    """GX and the Spark row filters must have seen the same rows and, expectation by expectation,
+    found the same failures; otherwise the quarantine would not match the suite. Different
+    row counts stop validation; a different failure count is reported as a warning."""
+    suite = {expectation_name(e): e for e in load_suite(stage)["expectations"]}
+    notes = []
+    for o in outcomes:
+        seen = o.result.get("element_count")
+        if seen is not None and seen != failing.input_rows:
+            raise RuntimeError(f"validating {stage}: GX saw {seen} rows for {o.name}, the row filters "
+                               f"{failing.input_rows}; nothing was written")
+        gx_count, spark_count = o.result.get("unexpected_count"), failing.failures_per_expectation.get(o.name)
+        keeps_first = bool((suite[o.name].get("meta") or {}).get("keep_first_by"))
+        if gx_count is not None and spark_count is not None and gx_count != spark_count and not keeps_first:
+            notes.append(f"{o.name}: GX counted {gx_count} failing rows, the Spark row filter {spark_count}; "
+                         f"the quarantine follows the row filter (report this: the two should agree)")
+    return notes
+
+
+def _finish(storage: Storage, result: StageValidation, failing: FailingRows | None, force: bool) -> StageValidation:
+    """Write quarantine and report (last), then stop the run if a gate tripped."""
+    if failing is not None:
+        storage.write_table(quarantine_key(result.run_id, result.stage),
+                            _quarantine_table(failing, result.run_id, result.stage))
+    tripped = result.tripped
+    result.outcome = "stopped" if tripped and not force else ("forced" if tripped else "passed")
+    storage.write_text(result.report_key, result.to_json())
+    if result.outcome == "stopped":
+        raise GateFailed(result.stage, result.run_id, tripped, storage.uri_for(result.report_key), result)
+    return result
+
+
+def _new_result(storage: Storage, run_id: str, stage: str, parameters: dict[str, Any], run: _SuiteRun,
+                gates: list[GateResult], previous: str | None, started: float, started_at: str, force: bool,
+                extra: dict[str, Any] | None = None, warnings: list[str] | None = None,
+                explained: set[str] = frozenset()) -> StageValidation:
+    failing = run.failing
+    if failing is not None:
+        warnings = (warnings or []) + _cross_check(stage, run.outcomes, failing)
+        # Every input row either failed a check (one quarantine record) or passed: input = passed + quarantined.
+        accounting = {"input_rows": failing.input_rows, "passed_rows": failing.input_rows - failing.quarantined,
+                      "quarantined_rows": failing.quarantined,
+                      "quarantine_reasons": _value_counts(failing.rows.column("reason"))}
+    else:
+        accounting = {"input_rows": None, "passed_rows": None, "quarantined_rows": 0, "quarantine_reasons": {}}
+    return StageValidation(
+        run_id=run_id, stage=stage, suite=f"schemas/gx/{stage}.json", outcome="passed", forced=force, gates=gates,
+        expectations=_expectation_report(run.outcomes, failing), warnings=(warnings or []) + _warnings(run.outcomes, explained),
+        accounting=accounting, parameters=parameters, previous_successful_run=previous,
+        quarantine_key=quarantine_key(run_id, stage) if failing is not None else None,
+        report_key=report_key(run_id, stage), data_docs=f"{docs_prefix(run_id, stage)}index.html",
+        started_at=started_at, elapsed_s=round(time.monotonic() - started, 3), extra=extra or {})
+
+
+def _value_counts(column: pa.ChunkedArray) -> dict[str, int]:
+    if len(column) == 0:
+        return {}
+    return {item["values"]: item["counts"] for item in pc.value_counts(column).to_pylist()}
+
+
+def _validation_settings(settings: Settings, validation: ValidateSettings | None) -> ValidateSettings:
+    return validation or getattr(settings, "validation", None) or ValidateSettings()
+
+
+def _now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _require_committed_crawl(storage: Storage, run_id: str) -> dict[str, Any]:
+    summary = _read_json(storage, layout.crawl_success_key(run_id))
+    if summary is None:
+        raise ValidationInputError(f"crawl run {run_id} is not committed in {storage.uri} "
+                                   f"(no {layout.crawl_success_key(run_id)}): run `catalog-index crawl --run-id {run_id}` first")
+    return summary
+
+
+# ---------------------------------------------------------------------------------------
+# stages
+# ---------------------------------------------------------------------------------------
+
+def validate_manifest(settings: Settings, run_id: str, *, spark, validation: ValidateSettings | None = None,
+                      force: bool = False) -> StageValidation:
+    """The manifest as read for the run: required fields, uniqueness, URL form, known categories."""
+    from pyspark.sql import functions as F
+
+    started, started_at = time.monotonic(), _now_iso()
+    validation = _validation_settings(settings, validation)
+    storage = open_storage(settings.warehouse, settings.s3)
+    if not storage.exists(layout.manifest_key(run_id)):
+        raise ValidationInputError(f"no manifest for run {run_id} at {storage.uri_for(layout.manifest_key(run_id))}: "
+                                   f"run `catalog-index crawl --run-id {run_id}` first")
+    previous = previous_successful_run(storage, run_id)
+    raw = read_spark_table(spark, storage, layout.manifest_key(run_id), MANIFEST,
+                           allow_arrow_fallback=validation.arrow_fallback_for_s3)
+    blank_is_null = {c: F.when(F.trim(F.col(c)) != "", F.trim(F.col(c)))
+                     for c in ("product_id", "category", "image_url") if c in raw.columns}
+    df = raw.withColumns(blank_is_null).cache()
+    try:
+        per_category = {r["category"]: r["count"] for r in df.groupBy("category").count().collect()} \
+            if "category" in df.columns else {}
+        if previous and storage.exists(layout.manifest_key(previous)):
+            known = pc.unique(pc.utf8_trim_whitespace(
+                storage.read_table(layout.manifest_key(previous), columns=["category"]).column("category"))).to_pylist()
+            known = sorted(c for c in known if c)
+        else:
+            known = sorted(c for c in per_category if c is not None)  # first run: nothing to compare with
+        parameters = {"known_categories": known}
+        run = _run(spark, df, storage, run_id, "manifest", parameters, validation, quarantine_rows=True,
+                   input_rows=sum(per_category.values()) if per_category else None)
+    finally:
+        df.unpersist()
+    new_categories = {c: n for c, n in sorted(per_category.items(), key=lambda kv: str(kv[0]))
+                      if c is not None and c not in known}
+    warnings = []
+    if new_categories:
+        listed = ", ".join(f"{c} ({n:,} rows)" for c, n in new_categories.items())
+        warnings.append(f"{len(new_categories)} new categor{'y' if len(new_categories) == 1 else 'ies'} not in run "
+                        f"{previous}: {listed}. Flagged, not rejected; check the feed if unexpected.")
+    failing = run.failing
+    gates = [expectations_gate("manifest", _batch_failures(run.outcomes, include_row_level=False)),
+             quarantine_rate_gate("manifest", failing.quarantined, failing.input_rows, validation)]
+    extra = {"new_categories": new_categories, "rows_per_category": {str(k): v for k, v in per_category.items()},
+             "also_quarantined_by_crawl": _overlap_with_crawl(storage, run_id, failing)}
+    result = _new_result(storage, run_id, "manifest", parameters, run, gates, previous, started, started_at, force,
+                         extra, warnings, explained={"expect_column_values_to_be_in_set:category"})
+    return _finish(storage, result, failing, force)
+
+
+def _overlap_with_crawl(storage: Storage, run_id: str, failing: FailingRows) -> int:
+    """Manifest rows quarantined here that the crawl had already quarantined (same row_index):
+    the run report counts them once."""
+    if failing.quarantined == 0 or "row_index" not in failing.rows.column_names:
+        return 0
+    crawl = storage.read_table(layout.quarantine_prefix(run_id, "crawl"), columns=["row_index"], schema=QUARANTINE)
+    return int(pc.sum(pc.is_in(failing.rows.column("row_index"), crawl.column("row_index"))).as_py() or 0)
+
+
+def _live_images(spark, storage: Storage, run_id: str, validation: ValidateSettings):
+    from pyspark.sql import functions as F
+
+    state = read_spark_table(spark, storage, layout.crawl_state_prefix(run_id), IMAGE_STATE,
+                             allow_arrow_fallback=validation.arrow_fallback_for_s3)
+    ratio = F.when(F.col("height") > 0, F.col("width").cast("double") / F.col("height").cast("double"))
+    return state.where(F.col("status").isin(*LIVE_STATUSES)).withColumn("aspect_ratio", ratio)
+
+
+def _valid_images_per_category(storage: Storage, spark, run_id: str, validation: ValidateSettings) -> dict[str, int]:
+    """A past run's images per category that reached the index: from its images report when it
+    was validated, else its live crawl rows."""
+    report = _read_json(storage, report_key(run_id, "images"))
+    if report and "valid_images_per_category" in report.get("extra", {}):
+        return report["extra"]["valid_images_per_category"]
+    live = _live_images(spark, storage, run_id, validation)
+    return {r["category"]: r["count"] for r in live.groupBy("category").count().collect()}
+
+
+def validate_images(settings: Settings, run_id: str, *, spark, validation: ValidateSettings | None = None,
+                    force: bool = False) -> StageValidation:
+    """The run's live images: dimensions, aspect ratio, format, size; crawl and category gates."""
+    started, started_at = time.monotonic(), _now_iso()
+    validation = _validation_settings(settings, validation)
+    storage = open_storage(settings.warehouse, settings.s3)
+    summary = _require_committed_crawl(storage, run_id)
+    previous = previous_successful_run(storage, run_id)
+    parameters = {"min_width": validation.min_width, "min_height": validation.min_height,
+                  "min_aspect_ratio": validation.min_aspect_ratio, "max_aspect_ratio": validation.max_aspect_ratio,
+                  "allowed_formats": list(validation.allowed_formats), "min_bytes": validation.min_bytes,
+                  "max_bytes": validation.max_bytes}
+    df = _live_images(spark, storage, run_id, validation).cache()
+    try:
+        live_per_category = {r["category"]: r["count"] for r in df.groupBy("category").count().collect()}
+        run = _run(spark, df, storage, run_id, "images", parameters, validation, quarantine_rows=True,
+                   input_rows=sum(live_per_category.values()))
+        previous_counts = _valid_images_per_category(storage, spark, previous, validation) if previous else None
+    finally:
+        df.unpersist()
+    failing = run.failing
+    rejected = _value_counts(failing.rows.column("category")) if failing.quarantined else {}
+    valid_per_category = {c: n - rejected.get(c, 0) for c, n in sorted(live_per_category.items())}
+    gates = [crawl_failure_gate(summary, validation), decode_failure_gate(summary, validation),
+             category_drop_gate(valid_per_category, previous_counts, previous, validation),
+             expectations_gate("images", _batch_failures(run.outcomes, include_row_level=False)),
+             quarantine_rate_gate("images", failing.quarantined, failing.input_rows, validation)]
+    extra = {"valid_images_per_category": valid_per_category, "crawl_summary": {
+        k: summary.get(k) for k in ("manifest_rows", "out_of_scope", "fetched", "not_modified", "stale", "quarantined",
+                                    "quarantine_reasons")}}
+    result = _new_result(storage, run_id, "images", parameters, run, gates, previous, started, started_at, force, extra)
+    return _finish(storage, result, failing, force)
+
+
+def _embedding_frame(embeddings, canonical, model_version: str | None):
+    """One row per canonical image, left-joined to its vectors, with derived dim/all_finite/norm."""
+    from pyspark.sql import functions as F
+
+    vectors = embeddings.where(F.col("model_version") == model_version) if model_version else embeddings
+    images = canonical.select("sha256").where(F.col("sha256").isNotNull()).distinct()
+    vector = F.col("vector")
+    return (images.join(vectors.select("sha256", "model_version", "vector"), on="sha256", how="left")
+            .withColumns({
+                "dim": F.when(vector.isNotNull(), F.size(vector)),
+                "all_finite": F.forall(vector, lambda x: ~F.isnan(x) & (F.abs(x) != F.lit(float("inf")))),
+                "norm": F.sqrt(F.aggregate(vector, F.lit(0.0).cast("double"),
+                                           lambda acc, x: acc + x.cast("double") * x.cast("double"))),
+            }))
+
+
+def _without(spark, df, shas: set[str]):
+    """`df` without the rows whose sha256 is in `shas` (a small set, from quarantine files)."""
+    if not shas:
+        return df
+    return df.join(spark.createDataFrame([(sha,) for sha in sorted(shas)], "sha256 string"), "sha256", "left_anti")
+
+
+def _excluded_before_embedding(storage: Storage, run_id: str) -> set[str]:
+    """Canonical images the run does not embed: quarantined by image validation or by the embed stage."""
+    return quarantined_sha256s(storage, run_id, "images") | quarantined_sha256s(storage, run_id, "embed")
+
+
+def _default_canonical(spark, storage: Storage, run_id: str, validation: ValidateSettings):
+    """Canonical images the run has to embed: the dedup stage's canonical images (or, without a
+    dedup output, every live image that passed validation), less what validation and the embed
+    stage quarantined."""
+    if storage.exists(dedup_images_key(run_id)):
+        dedup = read_spark_table(spark, storage, dedup_images_key(run_id),
+                                 allow_arrow_fallback=validation.arrow_fallback_for_s3)
+        canonical = dedup.select(dedup["canonical_sha256"].alias("sha256")).distinct()
+    else:
+        _require_committed_crawl(storage, run_id)
+        canonical = _live_images(spark, storage, run_id, validation).select("sha256").distinct()
+    return _without(spark, canonical, _excluded_before_embedding(storage, run_id))
+
+
+def _default_embeddings(spark, storage: Storage, run_id: str, model_version: str | None, validation: ValidateSettings):
+    """The embeddings cache of the run's model version (from the embed stage's summary)."""
+    if model_version is None:
+        summary = _read_json(storage, embed_success_key(run_id))
+        if summary is not None:
+            model_version = summary["model_version"]
+        else:
+            versions = storage.list_dirs("embeddings")
+            if len(versions) != 1:
+                raise ValidationInputError(
+                    f"run {run_id} has no embed summary ({storage.uri_for(embed_success_key(run_id))}) and "
+                    f"{storage.uri_for('embeddings/')} holds {versions or 'no model versions'}: run the embed stage "
+                    f"first or name the version (--model-version)")
+            model_version = versions[0]
+    if not any(k.endswith(".parquet") for k in storage.list(embeddings_prefix(model_version))):
+        raise ValidationInputError(f"no embeddings at {storage.uri_for(embeddings_prefix(model_version))}: "
+                                   f"run the embed stage first")
+    return read_spark_table(spark, storage, embeddings_prefix(model_version),
+                            allow_arrow_fallback=validation.arrow_fallback_for_s3), model_version
+
+
+def validate_embeddings(settings: Settings, run_id: str, *, spark, embeddings=None, canonical=None,
+                        model_version: str | None = None, validation: ValidateSettings | None = None,
+                        force: bool = False) -> StageValidation:
+    """Vectors of the run's canonical images: one each, right dimension, finite, unit norm.
+
+    `embeddings` (sha256, model_version, vector) and `canonical` (sha256: the images to embed)
+    are Spark DataFrames; when not given they are read from the warehouse: the cache
+    `embeddings/<model_version>/` of the version in `runs/<run_id>/embed/_SUCCESS.json`, and
+    the canonical images of `dedup/<run_id>/images.parquet` less those quarantined by image
+    validation or by the embed stage.
+    """
+    from pyspark.sql import functions as F
+
+    started, started_at = time.monotonic(), _now_iso()
+    validation = _validation_settings(settings, validation)
+    storage = open_storage(settings.warehouse, settings.s3)
+    if embeddings is None:
+        embeddings, model_version = _default_embeddings(spark, storage, run_id, model_version, validation)
+    if canonical is None:
+        canonical = _default_canonical(spark, storage, run_id, validation)
+    df = _embedding_frame(embeddings, canonical, model_version).cache()
+    try:
+        dims = {r["dim"]: r["count"] for r in df.groupBy("dim").count().collect()}
+        canonical_images = df.select(F.countDistinct("sha256")).first()[0]
+        embedding_dim = validation.embedding_dim or max(
+            (d for d in dims if d is not None), key=lambda d: dims[d], default=0)
+        parameters = {"canonical_images": canonical_images, "embedding_dim": embedding_dim,
+                      "min_norm": 1 - validation.norm_tolerance, "max_norm": 1 + validation.norm_tolerance}
+        run = _run(spark, df, storage, run_id, "embeddings", parameters, validation, quarantine_rows=True,
+                   input_rows=sum(dims.values()))
+    finally:
+        df.unpersist()
+    failing = run.failing
+    gates = [expectations_gate("embeddings", _batch_failures(run.outcomes, include_row_level=False)),
+             quarantine_rate_gate("embeddings", failing.quarantined, failing.input_rows, validation)]
+    extra = {"model_version": model_version, "dimensions_seen": {str(k): v for k, v in dims.items()}}
+    result = _new_result(storage, run_id, "embeddings", parameters, run, gates, previous_successful_run(storage, run_id),
+                         started, started_at, force, extra)
+    return _finish(storage, result, failing, force)
+
+
+def _find_build(storage: Storage, run_id: str) -> tuple[str, dict[str, Any]]:
+    """The newest index build of this run: (warehouse key, its _build.json)."""
+    builds = []
+    for name in storage.list_dirs("indexes"):
+        for snapshot in storage.list_dirs(f"indexes/{name}"):
+            key = f"indexes/{name}/{snapshot}/{INDEX_BUILD_FILE}"
+            build = _read_json(storage, key)
+            if build and build.get("source_run_id") == run_id:
+                builds.append((build.get("created_at", ""), key, build))
+    if not builds:
+        raise ValidationInputError(f"no index build of run {run_id} under {storage.uri_for('indexes/')} "
+                                   f"(indexes/<name>/<snapshot>/{INDEX_BUILD_FILE}): run build-index first, or "
+                                   f"give the shard stats (--index-stats)")
+    _, key, build = max(builds, key=lambda b: (b[0], b[1]))
+    return key, build
+
+
+def shard_rows(shards: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per-shard stats as the index suite reads them, from a build's `shards` (shard_id, vectors,
+    recall_at_10) or from plain {shard, vector_count, recall_at_10} dicts."""
+    rows = []
+    for s in shards:
+        shard = s.get("shard", s.get("shard_id"))
+        recall = s.get("recall_at_10")
+        rows.append({"shard": None if shard is None else str(shard),
+                     "vector_count": s.get("vector_count", s.get("vectors")),
+                     "recall_at_10": None if recall is None else float(recall)})
+    return rows
+
+
+def _expected_vectors(spark, storage: Storage, run_id: str, validation: ValidateSettings,
+                      shards: list[dict[str, Any]]) -> int:
+    """Vectors the index must hold, from the dedup output: one per canonical image and group of
+    categories sharing shards (the build packs whole categories into shards and stores an image
+    once per shard; a category too big for one shard is split, each image in one part), for
+    canonical images that were embedded and passed embeddings validation. When the shard stats
+    do not list their categories, one vector per (category, canonical image)."""
+    from pyspark.sql import functions as F
+
+    if not storage.exists(dedup_images_key(run_id)):
+        report = _read_json(storage, report_key(run_id, "embeddings"))
+        if report is None:
+            raise ValidationInputError(f"cannot tell how many vectors the index of run {run_id} must hold: no "
+                                       f"{storage.uri_for(dedup_images_key(run_id))} and no embeddings validation "
+                                       f"report; give --expected-vectors")
+        return int(report["accounting"]["passed_rows"])
+    dedup = read_spark_table(spark, storage, dedup_images_key(run_id),
+                             allow_arrow_fallback=validation.arrow_fallback_for_s3)
+    pairs = dedup.select("category", dedup["canonical_sha256"].alias("sha256")).distinct()
+    excluded = _excluded_before_embedding(storage, run_id) | quarantined_sha256s(storage, run_id, "embeddings")
+    pairs = _without(spark, pairs, excluded)
+    if not shards or not all(s.get("categories") for s in shards):
+        return pairs.count()
+    groups = sorted({tuple(sorted(s["categories"])) for s in shards})
+    group_of = spark.createDataFrame([(c, "+".join(g)) for g in groups for c in g], "category string, shard_group string")
+    # A category no shard holds keeps a group of its own: its images still count (and the sum fails).
+    grouped = pairs.join(group_of, "category", "left").withColumn(
+        "shard_group", F.coalesce("shard_group", F.concat(F.lit("unindexed:"), F.col("category"))))
+    return grouped.select("shard_group", "sha256").distinct().count()
+
+
+def validate_index(settings: Settings, run_id: str, *, spark, shard_stats=None, expected_vectors: int | None = None,
+                   validation: ValidateSettings | None = None, force: bool = False) -> StageValidation:
+    """A built index: vector count equals the canonical images it must hold, every shard's
+    recall@10 measured and above the threshold. Shards cannot be quarantined: every failure
+    trips the gate.
+
+    `shard_stats`: a list of dicts (see `shard_rows`) or a Spark DataFrame (shard, vector_count,
+    recall_at_10); by default the shards of the run's newest `_build.json` under indexes/.
+    `expected_vectors`: by default computed from the dedup output and the quarantines.
+    """
+    started, started_at = time.monotonic(), _now_iso()
+    validation = _validation_settings(settings, validation)
+    storage = open_storage(settings.warehouse, settings.s3)
+    extra = {}
+    if shard_stats is None:
+        build_key, build = _find_build(storage, run_id)
+        shard_stats, extra["build"] = build["shards"], build_key
+    if expected_vectors is None:
+        expected_vectors = _expected_vectors(spark, storage, run_id, validation,
+                                             shard_stats if isinstance(shard_stats, list) else [])
+    if isinstance(shard_stats, list):
+        shard_stats = spark.createDataFrame([tuple(r.values()) for r in shard_rows(shard_stats)],
+                                            "shard string, vector_count long, recall_at_10 double")
+    df = shard_stats.cache()
+    try:
+        parameters = {"expected_vectors": int(expected_vectors), "min_recall_at_10": validation.min_recall_at_10}
+        run = _run(spark, df, storage, run_id, "index", parameters, validation, quarantine_rows=False)
+        shards = df.count()
+    finally:
+        df.unpersist()
+    gates = [expectations_gate("index", _batch_failures(run.outcomes, include_row_level=True))]
+    result = _new_result(storage, run_id, "index", parameters, run, gates, previous_successful_run(storage, run_id),
+                         started, started_at, force, extra)
+    result.accounting = {"input_rows": shards, "passed_rows": shards, "quarantined_rows": 0, "quarantine_reasons": {}}
+    return _finish(storage, result, None, force)
+
+
+_VALIDATORS = {"manifest": validate_manifest, "images": validate_images, "embeddings": validate_embeddings,
+               "index": validate_index}
+
+
+def validate_stage(settings: Settings, run_id: str, stage: str, *, spark, force: bool = False,
+                   validation: ValidateSettings | None = None, **inputs: Any) -> StageValidation:
+    """Validate one stage of a run; raises GateFailed when a gate trips (unless force).
+
+    `spark` may be a SparkSession or a factory returning one (started only once the
+    inputs have been found). `inputs` go to the stage's function (e.g. `model_version`).
+    """
+    layout.check_run_id(run_id)
+    if stage not in _VALIDATORS:
+        raise ValidationInputError(f"unknown stage {stage!r}: choose one of {', '.join(STAGES)}")
+    if callable(spark):
+        spark = spark()
+    return _VALIDATORS[stage](settings, run_id, spark=spark, force=force, validation=validation, **inputs)
