@@ -64,14 +64,14 @@ def duplicate_cluster_samples(storage: Storage, run_id: str, clusters: int = 8, 
         rows = read_dedup_images(storage, run_id)
     except Exception:
         return []
-    sizes = rows.groupby("cluster_id")["sha256"].nunique()
+    sizes = rows.groupby("cluster_id")["product_id"].count()  # exact copies under other products count too
     biggest = sizes[sizes > 1].sort_values(ascending=False, kind="stable").head(clusters).index
     picked = rows[rows["cluster_id"].isin(biggest)]
     blobs = _bytes_for(storage, run_id, set(picked["sha256"]))
     samples = []
     for cluster in biggest:
-        group = picked[picked["cluster_id"] == cluster].drop_duplicates("sha256")
-        group = group.sort_values("is_canonical", ascending=False).head(members)
+        group = picked[picked["cluster_id"] == cluster]
+        group = group.sort_values(["is_canonical", "product_id"], ascending=[False, True]).head(members)
         samples.append({"cluster_id": cluster, "images": int(sizes[cluster]), "members": [
             {"product_id": r.product_id, "sha256": r.sha256, "canonical": bool(r.is_canonical),
              "kind": r.duplicate_kind, "thumb": thumbnail_data_uri(blobs[r.sha256]) if r.sha256 in blobs else None}
