@@ -419,8 +419,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_embed(sub)
     _add_run(sub)
     _add_sample(sub)
-    from pipelines.head_cli import add_head_commands  # imports from this module: keep the import here
+    # These modules import helpers from this one: import them here, not at the top.
+    from pipelines.head_cli import add_head_commands
+    from pipelines.index_cli import add_index_commands
 
+    add_index_commands(sub)
     add_head_commands(sub)
     return parser
 

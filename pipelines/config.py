@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -92,6 +92,31 @@ class EmbedSettings(_Section):
     pca_whiten: bool = Field(True, description="Whiten the PCA (divide by the component's standard deviation).")
 
 
+class IndexSettings(_Section):
+    """`index:` section of the settings (see README, "Configuration")."""
+    name: str = Field("catalog", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+                      description="index name: snapshots live under indexes/<name>/")
+    max_vectors_per_shard: int = Field(1_000_000, ge=1, description="upper bound on vectors in one shard")
+    memory_budget_mb: int = Field(4096, ge=1, description="RAM one shard's index may take when served")
+    index_type: Literal["auto", "flat", "hnsw", "ivf_flat", "ivf_sq8", "ivf_pq"] = Field(
+        "auto", description="auto = the most exact type that fits the memory budget")
+    flat_max_vectors: int = Field(20_000, ge=0, description="shards up to this size are searched exactly (Flat)")
+    hnsw_max_vectors: int = Field(100_000, ge=0, description="shards up to this size may use HNSW (0 = never)")
+    hnsw_m: int = Field(32, ge=4, le=128)
+    hnsw_ef_construction: int = Field(40, ge=8, description="faiss default; recall comes from tuned efSearch")
+    nlist: int | None = Field(None, ge=1, description="IVF lists; None = about sqrt(vectors), a power of two")
+    train_points_per_list: int = Field(48, ge=8, description="IVF training sample = nlist * this")
+    kmeans_iterations: int = Field(12, ge=1)
+    nprobe: int | None = Field(None, ge=1, description="fixed IVF nprobe; None = tuned to target_recall")
+    ef_search: int | None = Field(None, ge=1, description="fixed HNSW efSearch; None = tuned to target_recall")
+    target_recall: float = Field(0.98, gt=0, le=1, description="recall@10 that nprobe/efSearch are tuned for")
+    min_recall: float = Field(0.90, ge=0, le=1, description="recall@10 below this stops the run before publish")
+    recall_queries: int = Field(500, ge=10, description="held-out vectors for tuning and for the recall check")
+    keep_snapshots: int = Field(5, ge=1, description="published snapshots kept (plus whatever LATEST points to)")
+    use_gpu: bool = Field(True, description="train/add IVF indexes on GPUs when faiss-gpu sees one")
+    seed: int = 0
+
+
 class Settings(_Section):
     warehouse: str = Field(DEFAULT_WAREHOUSE, description="file:///path or s3://bucket/prefix")
     s3: S3Settings = Field(default_factory=S3Settings)
@@ -100,6 +125,7 @@ class Settings(_Section):
     dedup: DedupSettings = Field(default_factory=DedupSettings)
     embed: EmbedSettings = Field(default_factory=EmbedSettings)
     validation: ValidateSettings = Field(default_factory=ValidateSettings)
+    index: IndexSettings = Field(default_factory=IndexSettings)
 
 
 
