@@ -342,14 +342,16 @@ def _nvjpeg_available() -> bool:
 
 # -- once per executor process ----------------------------------------------------------------
 
-_EMBEDDERS: dict[tuple[str, str], ImageEmbedder] = {}
+_EMBEDDERS: dict[tuple, ImageEmbedder] = {}
 _EMBEDDERS_LOCK = threading.Lock()
 
 
 def get_embedder(spec: ModelSpec, device: torch.device | str = "cpu", **options) -> ImageEmbedder:
     """The process-wide embedder for (model version, device): Spark reuses Python workers, so
     the model is loaded once per executor process, not once per partition."""
-    key = (model_version(spec), str(torch.device(device)))
+    # Options (batch size, vector dtype...) are part of the key: a caller asking for float16
+    # vectors must not get the float32 embedder another caller created first.
+    key = (model_version(spec), str(torch.device(device)), tuple(sorted((k, repr(v)) for k, v in options.items())))
     with _EMBEDDERS_LOCK:
         if key not in _EMBEDDERS:
             _EMBEDDERS[key] = ImageEmbedder(spec, device, **options)
