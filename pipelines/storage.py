@@ -15,7 +15,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterator
 from urllib.parse import unquote, urlparse
 
 import pyarrow as pa
@@ -344,13 +344,3 @@ def read_uri_bytes(uri: str, s3: S3Settings | None = None, timeout_s: float = 60
         return path.read_bytes()
     raise StorageError(f"unsupported URI scheme in {uri!r} (use a path, file://, http(s):// or s3://)")
 
-
-def iter_chunks(items: Iterable, size: int) -> Iterator[list]:
-    chunk = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
