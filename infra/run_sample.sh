@@ -7,15 +7,19 @@ WAREHOUSE=${WAREHOUSE:-file://$PWD/warehouse}
 # A fixed port: the URLs in the manifest must be the same from run to run for the
 # incremental re-crawl to recognise them.
 PORT=${PORT:-8765}
-if (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; then
-  echo "make run: port $PORT is busy; stop what listens there or run 'make run PORT=<free port>'" >&2
-  exit 2
-fi
+for attempt in $(seq 20); do  # a server from a run that just ended may still be closing
+  (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null || break
+  if [[ $attempt == 20 ]]; then
+    echo "make run: port $PORT is busy; stop what listens there or run 'make run PORT=<free port>'" >&2
+    exit 2
+  fi
+  sleep 0.5
+done
 mkdir -p sample
 
 .venv/bin/catalog-index sample serve --host 127.0.0.1 --port "$PORT" > sample/server.log 2>&1 &
 SERVER=$!
-trap 'kill $SERVER 2>/dev/null || true' EXIT
+trap 'kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null || true' EXIT
 for _ in $(seq 50); do
   (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break
   sleep 0.1
