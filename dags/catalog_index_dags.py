@@ -71,6 +71,14 @@ def run_stage_in_process(stage: str, params: dict, run_id: str) -> dict:
         from airflow.exceptions import AirflowFailException
 
         raise AirflowFailException(str(exc)) from exc  # a gate is not retried: it needs a person
+    if stage == "publish":
+        from pipelines.report import build_report
+        from pipelines.storage import open_storage
+
+        build_report(open_storage(settings.warehouse, settings.s3), run_id,
+                     extra={"snapshot": {"snapshot_id": result.snapshot_id, "previous": result.previous_snapshot,
+                                         **result.manifest["totals"], "recall_at_10": result.manifest["recall_at_10"]["min"],
+                                         "index": result.manifest["index_name"]}})
     return {"stage": stage, "run_id": run_id, "result": str(result)[:2000]}
 
 
