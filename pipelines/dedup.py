@@ -200,7 +200,7 @@ def _hash_missing(storage, settings: Settings, run_id, images, runner, spark) ->
     if tasks:
         from pipelines.spark import run_tasks
 
-        run_tasks(hash_task, tasks, runner=runner, spark=spark() if callable(spark) else spark,
+        run_tasks(hash_task, tasks, runner=runner, spark=spark,
                   description="dedup: pHash", job_group=f"dedup-hash-{run_id}")
         cache = read_hash_cache(storage, settings.dedup.jpeg_draft_size)
     return cache, len(todo)
@@ -217,7 +217,7 @@ def _confirm(storage, settings: Settings, pairs: list[tuple[str, str]], location
              for i, start in enumerate(range(0, len(pairs), per_task))]
     from pipelines.spark import run_tasks
 
-    results = run_tasks(confirm_task, tasks, runner=runner, spark=spark() if callable(spark) else spark,
+    results = run_tasks(confirm_task, tasks, runner=runner, spark=spark,
                         description="dedup: confirm pairs")
     return [score for part in results for score in part]
 

@@ -236,8 +236,7 @@ def run_embed(settings: Settings, run_id: str, *, runner: str = "spark", spark=N
             tasks.append(EmbedTask(settings.warehouse, settings.s3, run_id, digest, settings.embed, chunk))
         from pipelines.spark import run_tasks
 
-        session = spark() if callable(spark) else spark
-        results = run_tasks(embed_task, tasks, runner=runner, spark=session, description="embed",
+        results = run_tasks(embed_task, tasks, runner=runner, spark=spark, description="embed",
                             job_group=f"embed-{run_id}", task_gpus=settings.embed.task_gpus)
         for result in results:
             summary.embedded += result["embedded"]

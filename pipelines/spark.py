@@ -73,7 +73,10 @@ def gpu_resource_profile(task_gpus: float):
 
 def run_tasks(fn: Callable[[Any], Any], tasks: Sequence[Any], *, runner: str = "spark", spark=None,
               description: str = "working", job_group: str | None = None, task_gpus: float = 0.0) -> list[Any]:
-    """Run fn over every task, one Spark task each, and return the results in task order."""
+    """Run fn over every task, one Spark task each, and return the results in task order.
+
+    `spark` may be a SparkSession or a factory for one: it is called only when there is work,
+    so a stage with nothing to do never starts Spark."""
     if not tasks:
         return []
     if runner == "local":
@@ -84,6 +87,8 @@ def run_tasks(fn: Callable[[Any], Any], tasks: Sequence[Any], *, runner: str = "
                 results.append(fn(task))
                 progress.advance(bar)
         return results
+    if callable(spark):
+        spark = spark()
     if spark is None:
         raise ValueError("runner='spark' needs a SparkSession")
     sc = spark.sparkContext
