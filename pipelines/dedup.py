@@ -187,6 +187,32 @@ def read_dedup_images(storage: Storage, run_id: str) -> pd.DataFrame:
     return storage.read_table(f"{dedup_prefix(run_id)}images.parquet", schema=DEDUP_IMAGES).to_pandas()
 
 
+def with_valid_canonicals(rows: pd.DataFrame, rejected: set[str]) -> pd.DataFrame:
+    """Dedup rows (DEDUP_IMAGES) without the images validation rejected, and with a new
+    canonical image for every cluster whose canonical one was rejected: the best remaining
+    member by the same rule (largest resolution, earliest fetched, smallest sha256).
+
+    Dedup runs before validation, so a cluster's canonical image can fail a check (format,
+    byte size...) that a copy of it passes; without this, the copy's products would lose
+    their only picture. `cluster_id` keeps naming the cluster as dedup found it.
+    """
+    from pipelines.near_duplicates import choose_canonical
+
+    kept = rows[~rows["sha256"].isin(rejected)].copy()
+    orphaned = kept["canonical_sha256"].isin(rejected)
+    if not orphaned.any():
+        return kept.reset_index(drop=True)
+    members = (kept[orphaned].sort_values(["cluster_id", "sha256", "fetched_at"])
+               .drop_duplicates("sha256").reset_index(drop=True))
+    labels = pd.factorize(members["cluster_id"])[0]
+    best = choose_canonical(labels, members["width"].fillna(0), members["height"].fillna(0),
+                            members["fetched_at"].astype("int64"), members["sha256"])
+    new_canonical = dict(zip(members["sha256"], members["sha256"].to_numpy()[best]))
+    kept.loc[orphaned, "canonical_sha256"] = kept.loc[orphaned, "sha256"].map(new_canonical)
+    kept["is_canonical"] = kept["sha256"] == kept["canonical_sha256"]
+    return kept.reset_index(drop=True)
+
+
 def _hash_missing(storage, settings: Settings, run_id, images, runner, spark) -> tuple[pd.DataFrame, int]:
     cache = read_hash_cache(storage, settings.dedup.jpeg_draft_size)
     todo = images[~images["sha256"].isin(cache.index)].drop_duplicates("sha256")

@@ -7,6 +7,7 @@ No Spark and no warehouse: these are tools for a laptop or a notebook.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import warnings
@@ -19,14 +20,14 @@ import pandas as pd
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
 
 
-def _hash_files(paths: list[str]) -> list[dict]:
+def _hash_files(paths: list[str], draft_size: int | None = None) -> list[dict]:
     from PIL import Image
 
     from pipelines.phash import phash_hex, try_phash_many
 
     warnings.filterwarnings("ignore", "Palette images with Transparency", UserWarning)
     blobs = [Path(p).read_bytes() for p in paths]
-    hashes, reasons = try_phash_many(blobs)
+    hashes, reasons = try_phash_many(blobs, draft_size=draft_size)
     rows = []
     for path, data, h, reason in zip(paths, blobs, hashes.tolist(), reasons):
         width = height = None
@@ -43,9 +44,10 @@ def list_images(folder: Path) -> list[str]:
 
 
 def hash_inputs(source: str, download_dir: Path | None = None, crawl=None, workers: int | None = None,
-                chunk: int = 64, progress=None) -> pd.DataFrame:
+                chunk: int = 64, progress=None, draft_size: int | None = None) -> pd.DataFrame:
     """Hash every image in a folder, or every image_url of a manifest (downloaded to
-    `download_dir` first, with the crawler's safety rules in `crawl`)."""
+    `download_dir` first, with the crawler's safety rules in `crawl`). `draft_size`: see
+    pipelines.phash (None: exact, equal to imagehash.phash)."""
     path = Path(source)
     urls: dict[str, str] = {}
     if path.is_dir():
@@ -56,7 +58,7 @@ def hash_inputs(source: str, download_dir: Path | None = None, crawl=None, worke
     chunks = [files[i:i + chunk] for i in range(0, len(files), chunk)]
     rows: list[dict] = []
     with ProcessPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
-        for part in pool.map(_hash_files, chunks):
+        for part in pool.map(functools.partial(_hash_files, draft_size=draft_size), chunks):
             rows.extend(part)
             if progress:
                 progress(len(part))

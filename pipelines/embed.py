@@ -28,7 +28,7 @@ import pyarrow as pa
 from pipelines import layout
 from pipelines.config import EmbedSettings, S3Settings, Settings
 from pipelines.crawl import read_current_images
-from pipelines.dedup import read_dedup_images
+from pipelines.dedup import read_dedup_images, with_valid_canonicals
 from pipelines.storage import Storage, open_storage
 from schemas.tables import EMBEDDINGS, QUARANTINE
 
@@ -210,9 +210,10 @@ def run_embed(settings: Settings, run_id: str, *, runner: str = "spark", spark=N
     dedup = read_dedup_images(storage, run_id)
     from pipelines.validate import quarantined_sha256s
 
-    # Images the validate stage quarantined (too small, odd aspect ratio...) are not embedded.
+    # Images the validate stage quarantined (too small, odd aspect ratio...) are not embedded;
+    # a cluster whose canonical image was rejected is represented by its best valid member.
     rejected = quarantined_sha256s(storage, run_id, "images")
-    canonical = sorted(set(dedup["canonical_sha256"]) - rejected)
+    canonical = sorted(set(with_valid_canonicals(dedup, rejected)["canonical_sha256"]))
     summary = EmbedSummary(run_id=run_id, model_version=version, device="cpu", canonical_images=len(canonical),
                            excluded_by_validation=len(set(dedup["canonical_sha256"]) & rejected))
     # Finished parts of a killed or repeated run stay: their vectors are valid cache entries,

@@ -1,7 +1,11 @@
 """The bundled sample catalog: Debian's openclipart-png drawings as a product catalog.
 
-`build_sample_manifest` turns the ~8,100 PNGs in 22 category folders into manifest rows
+`build_sample_manifest` turns the ~6,750 PNGs in 22 category folders into manifest rows
 (several images per product: `name_01.png`, `name_02.png` belong to one product).
+Left out: the package's 1,370 generated star polygons (`shapes/stars/star_NNptKKstep.png`,
+100x100 px line patterns from one script). They are test patterns rather than products, and
+hundreds of them are rings no person, pHash or CNN tells apart once re-encoded, so as
+"products" they would only measure noise (bench/dedup reports them separately).
 `serve_images` serves the folder over real HTTP with ETag and Last-Modified, so the demo
 crawl (and the incremental re-crawl) is a real HTTP crawl.
 """
@@ -18,6 +22,7 @@ from urllib.parse import quote, unquote, urlsplit
 
 OPENCLIPART_DIR = Path("/usr/share/openclipart/png")
 DEFAULT_SAMPLE_SIZE = 1000
+GENERATED_PATTERNS = re.compile(r"^shapes/stars/star_\d+pt\d+step\.png$")
 
 
 class SampleCatalogError(RuntimeError):
@@ -25,11 +30,13 @@ class SampleCatalogError(RuntimeError):
 
 
 def list_sample_images(root: Path = OPENCLIPART_DIR) -> list[tuple[str, Path]]:
-    """(category, path) for every PNG, sorted; category = top-level folder."""
+    """(category, path) for every PNG except the generated star polygons, sorted; category =
+    top-level folder."""
     if not root.is_dir():
         raise SampleCatalogError(f"{root} not found: install the Debian package openclipart-png "
                                  "(`make setup` does: apt-get install openclipart-png)")
-    images = [(p.relative_to(root).parts[0], p) for p in root.rglob("*.png") if len(p.relative_to(root).parts) > 1]
+    images = [(p.relative_to(root).parts[0], p) for p in root.rglob("*.png")
+              if len(p.relative_to(root).parts) > 1 and not GENERATED_PATTERNS.match(p.relative_to(root).as_posix())]
     return sorted(images, key=lambda item: item[1].relative_to(root).as_posix())
 
 

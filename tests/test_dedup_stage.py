@@ -111,3 +111,28 @@ def test_corrupt_stored_bytes_are_quarantined(spark, planted, tmp_path):
     assert set(summary.quarantine_reasons) <= {"truncated", "corrupt"}
     quarantine = storage.read_table("quarantine/r1/dedup/").to_pandas()
     assert len(quarantine) == 1 and quarantine.loc[0, "stage"] == "dedup"
+
+
+def test_a_cluster_whose_canonical_image_fails_validation_keeps_its_products():
+    import pandas as pd
+
+    from pipelines.dedup import with_valid_canonicals
+
+    at = pd.Timestamp("2026-11-23", tz="UTC")
+    rows = pd.DataFrame({
+        "product_id": ["big", "mid", "small", "alone"], "category": ["tools"] * 4,
+        "image_url": ["u1", "u2", "u3", "u4"], "title": [None] * 4,
+        "sha256": ["a", "b", "c", "d"], "phash": ["0" * 16] * 4,
+        "width": [800, 400, 200, 50], "height": [800, 400, 200, 50],
+        "fetched_at": [at, at + pd.Timedelta(1, "s"), at, at],
+        "cluster_id": ["a", "a", "a", "d"], "canonical_sha256": ["a", "a", "a", "d"],
+        "is_canonical": [True, False, False, True], "duplicate_kind": ["none", "near", "near", "none"],
+        "run_id": ["r"] * 4})
+    # The 800px canonical image is rejected (say, a TIFF): its 400px copy takes over the cluster.
+    out = with_valid_canonicals(rows, rejected={"a"}).set_index("product_id")
+    assert sorted(out.index) == ["alone", "mid", "small"]
+    assert out.loc["mid", "canonical_sha256"] == "b" and out.loc["small", "canonical_sha256"] == "b"
+    assert bool(out.loc["mid", "is_canonical"]) and not bool(out.loc["small", "is_canonical"])
+    assert out.loc["alone", "canonical_sha256"] == "d"
+    # Nothing rejected: the rows are unchanged.
+    assert with_valid_canonicals(rows, rejected=set())["canonical_sha256"].tolist() == ["a", "a", "a", "d"]

@@ -10,8 +10,12 @@ bombs), blank drawings (nothing but white once composited: every blank image is 
 duplicate of every other) and drawings that are near-identical, at their own resolution,
 to an earlier original (same size, mean absolute pixel difference below 3/255: the
 package ships a few drawings twice or re-saved), so that a pair of originals found
-"alike" counts as a real false positive. Close variants (other colours, another card,
-other star drawings of the shapes/stars family) stay in as hard negatives.
+"alike" counts as a real false positive. Close variants (other colours, another card, the
+same icon with another emblem) stay in as hard negatives.
+
+The sample catalog leaves out the package's generated star polygons (see
+pipelines/sample_catalog.py), and so does the planted set; ``generated_stars=True`` builds a
+planted set of only those, which run.py reports on its own.
 """
 
 from __future__ import annotations
@@ -25,17 +29,21 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageFont
 
+from pipelines.sample_catalog import GENERATED_PATTERNS
+
 OPENCLIPART_ROOT = Path("/usr/share/openclipart/png")
 MAX_SOURCE_PIXELS = 4_000_000
 NEAR_IDENTICAL_MEAN_DIFFERENCE = 3.0
 TRANSFORMS = ("resize_50", "jpeg_q45", "crop_3pct", "watermark", "brightness_8pct")
 
 
-def openclipart_pngs() -> list[Path]:
+def openclipart_pngs(generated_stars: bool = False) -> list[Path]:
+    """The sample catalog's PNGs, or (``generated_stars``) only the generated star polygons."""
     paths = sorted(OPENCLIPART_ROOT.rglob("*.png"))
     if not paths:
         raise SystemExit(f"no PNGs under {OPENCLIPART_ROOT}: apt-get install openclipart-png")
-    return paths
+    return [p for p in paths if bool(GENERATED_PATTERNS.match(p.relative_to(OPENCLIPART_ROOT).as_posix()))
+            == generated_stars]
 
 
 def on_white(path: Path) -> Image.Image | None:
@@ -60,9 +68,9 @@ def jpeg_bytes(image: Image.Image, quality: int) -> bytes:
     return buffer.getvalue()
 
 
-def usable_originals(seed: int, skip: int = 0):
+def usable_originals(seed: int, skip: int = 0, generated_stars: bool = False):
     """Yield (source path, RGB image) in a seeded order, filtered as the docstring says."""
-    paths = openclipart_pngs()
+    paths = openclipart_pngs(generated_stars)
     random.Random(seed).shuffle(paths)
     kept_by_size: dict[tuple[int, int], list[np.ndarray]] = {}
     for path in paths[skip:]:
@@ -132,18 +140,22 @@ def transformed_copy(original_jpeg: bytes, transform: str, rng: random.Random) -
     return jpeg_bytes(image, 90)
 
 
-def make_planted_set(directory: Path, originals: int, seed: int, skip: int = 0) -> dict:
+def make_planted_set(directory: Path, originals: int, seed: int, skip: int = 0,
+                     generated_stars: bool = False) -> dict:
     """``originals`` catalog JPEGs plus one copy each; returns and writes labels.json:
     {"originals": [file...], "copies": [{"file", "original", "transform"}...]}."""
     labels_path = directory / "labels.json"
     if labels_path.exists():
         labels = json.loads(labels_path.read_text())
-        if len(labels["originals"]) == originals and labels.get("seed") == seed and labels.get("skip") == skip:
+        if (len(labels["originals"]) == originals and labels.get("seed") == seed and labels.get("skip") == skip
+                and labels.get("generated_stars") == generated_stars):
             return labels
     directory.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    labels = {"seed": seed, "skip": skip, "originals": [], "copies": []}
-    for number, (source, image) in enumerate(usable_originals(seed, skip)):
+    for stale in directory.glob("*.jpg"):
+        stale.unlink()
+    labels = {"seed": seed, "skip": skip, "generated_stars": generated_stars, "originals": [], "copies": []}
+    for number, (source, image) in enumerate(usable_originals(seed, skip, generated_stars)):
         if number == originals:
             break
         original_name = f"o{number:05d}.jpg"

@@ -32,6 +32,7 @@ sys.path.insert(0, str(REPOSITORY))
 sys.path.insert(0, str(HERE))
 
 import planted  # noqa: E402
+from synthetic import synthetic_hashes  # noqa: E402
 from pipelines.near_duplicates import (  # noqa: E402
     CANDIDATE_MAX_DISTANCE,
     CONFIRMATION_THRESHOLD,
@@ -44,7 +45,6 @@ from pipelines.phash import phash_hex, phash_many  # noqa: E402
 
 IMAGEDEDUP_PYTHON = REPOSITORY / "bench" / ".venv-imagededup" / "bin" / "python"
 IMAGEDEDUP_THRESHOLD = 10  # imagededup's default max_distance_threshold
-HARD_FAMILY = "shapes/stars"  # radially symmetric line drawings: pHash is unstable on them
 
 
 def timed(function, repeats: int) -> tuple[float, float, object]:
@@ -112,22 +112,6 @@ def bench_hashing(workdir: Path, count: int, repeats: int) -> dict:
 # ----------------------------------------------------------------------------- pair search
 
 
-def synthetic_hashes(count: int, seed: int = 7) -> np.ndarray:
-    """Uniform random 64-bit hashes; 1% are copies of an earlier hash with 0-10 bits
-    flipped, so that every prefix (the smaller sizes) has true near pairs to find."""
-    rng = np.random.default_rng(seed)
-    hashes = rng.integers(0, 2**64, size=count, dtype=np.uint64)
-    copies = max(1, count // 100)
-    targets = np.sort(rng.choice(np.arange(1, count), size=copies, replace=False))
-    sources = (rng.random(copies) * targets).astype(np.int64)
-    flips = np.zeros(copies, dtype=np.uint64)
-    for row, flipped in enumerate(rng.integers(0, 11, size=copies)):
-        for bit in rng.choice(64, size=flipped, replace=False):
-            flips[row] |= np.uint64(1) << np.uint64(bit)
-    hashes[targets] = hashes[sources] ^ flips
-    return hashes
-
-
 def bench_pair_search(workdir: Path, sizes: list[int], big: int, repeats: int, big_repeats: int,
                       imagededup_sizes: list[int], imagededup_full: bool) -> dict:
     threshold = IMAGEDEDUP_THRESHOLD
@@ -180,8 +164,6 @@ def score_pairs(pairs: set[tuple[str, str]], labels: dict) -> dict:
     copy in it (a pair of two originals only counts overall)."""
     copy_of = {copy["file"]: copy for copy in labels["copies"]}
     truth = {tuple(sorted((copy["file"], copy["original"]))) for copy in labels["copies"]}
-    source_of = {copy["original"]: copy["source"] for copy in labels["copies"]}
-    source_of.update({copy["file"]: copy["source"] for copy in labels["copies"]})
 
     def evaluate(keep) -> dict:
         found, correct = defaultdict(int), defaultdict(int)
@@ -213,18 +195,16 @@ def score_pairs(pairs: set[tuple[str, str]], labels: dict) -> dict:
             for bucket in (*planted.TRANSFORMS, "all")
         }
 
-    def outside_hard_family(pair) -> bool:
-        return not any(HARD_FAMILY in source_of[name] for name in pair)
-
-    return {"all": evaluate(lambda pair: True), "without_" + HARD_FAMILY: evaluate(outside_hard_family)}
+    return evaluate(lambda pair: True)
 
 
-def bench_planted(workdir: Path, originals: int, run_imagededup: bool) -> dict:
-    directory = workdir / "planted"
-    labels = planted.make_planted_set(directory, originals, seed=0)
+def bench_planted(workdir: Path, originals: int, run_imagededup: bool, generated_stars: bool = False) -> dict:
+    directory = workdir / ("planted-generated-stars" if generated_stars else "planted")
+    labels = planted.make_planted_set(directory, originals, seed=0, generated_stars=generated_stars)
     names = labels["originals"] + [copy["file"] for copy in labels["copies"]]
-    print(f"\n== 3. Planted duplicates: {len(labels['originals'])} originals + {len(labels['copies'])} copies "
-          f"({len(labels['copies']) // len(planted.TRANSFORMS)} per transform), seed 0")
+    what = "the generated star polygons (left out of the sample catalog)" if generated_stars else "the sample catalog"
+    print(f"\n== {4 if generated_stars else 3}. Planted duplicates from {what}: {len(labels['originals'])} originals + "
+          f"{len(labels['copies'])} copies ({len(labels['copies']) // len(planted.TRANSFORMS)} per transform), seed 0")
 
     systems = {}
     if run_imagededup:
@@ -256,15 +236,14 @@ def bench_planted(workdir: Path, originals: int, run_imagededup: bool) -> dict:
 
     for system, pairs in systems.items():
         results["systems"][system] = score_pairs(pairs, labels)
-    for subset in ("all", "without_" + HARD_FAMILY):
-        print(f"\n-- {subset.replace('_', ' ')}: recall / precision")
-        print(f"{'system':48s}" + "".join(f"{bucket:>17s}" for bucket in (*planted.TRANSFORMS, "all")))
-        for system in systems:
-            table = results["systems"][system][subset]
-            cells = "".join(
-                f"{table[bucket]['recall']:8.3f}/{table[bucket]['precision']:.3f}" for bucket in (*planted.TRANSFORMS, "all")
-            )
-            print(f"{system:48s}{cells}")
+    print("\nrecall / precision")
+    print(f"{'system':48s}" + "".join(f"{bucket:>17s}" for bucket in (*planted.TRANSFORMS, "all")))
+    for system in systems:
+        table = results["systems"][system]
+        cells = "".join(
+            f"{table[bucket]['recall']:8.3f}/{table[bucket]['precision']:.3f}" for bucket in (*planted.TRANSFORMS, "all")
+        )
+        print(f"{system:48s}{cells}")
     return results
 
 
@@ -276,7 +255,8 @@ def main() -> None:
     parser.add_argument("--skip-imagededup", action="store_true")
     parser.add_argument("--imagededup-full", action="store_true",
                         help="run imagededup at 100,000 hashes (over an hour here) instead of extrapolating")
-    parser.add_argument("--sections", default="hash,search,planted")
+    parser.add_argument("--sections", default="hash,search,planted,stars",
+                        help="comma-separated: hash, search, planted, stars (the generated star polygons)")
     arguments = parser.parse_args()
     arguments.workdir.mkdir(parents=True, exist_ok=True)
     sections = set(arguments.sections.split(","))
@@ -297,6 +277,11 @@ def main() -> None:
     if "planted" in sections:
         results["planted"] = bench_planted(
             arguments.workdir, 200 if arguments.quick else 1000, run_imagededup=not arguments.skip_imagededup
+        )
+    if "stars" in sections:
+        results["planted_generated_stars"] = bench_planted(
+            arguments.workdir, 100 if arguments.quick else 200, run_imagededup=not arguments.skip_imagededup,
+            generated_stars=True,
         )
     (arguments.workdir / "RESULTS.json").write_text(json.dumps(results, indent=1, default=str))
     print(f"\nresults: {arguments.workdir / 'RESULTS.json'}")
