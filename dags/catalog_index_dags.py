@@ -13,6 +13,7 @@ Environment (read when the DAG file is parsed):
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 from datetime import timedelta
@@ -28,7 +29,7 @@ GPU_POOL = os.environ.get("CATALOG_INDEX_GPU_POOL", "default_pool")
 DEFAULT_WAREHOUSE = os.environ.get("CATALOG_INDEX_WAREHOUSE", (Path.home() / ".catalog-index" / "warehouse").as_uri())
 log = logging.getLogger(__name__)
 
-# Stage -> (execution timeout, stage names passed to run_stage).
+# Stage -> execution timeout in hours.
 STAGE_TIMEOUTS = {"crawl": 4, "dedup": 2, "validate": 1, "embed": 6, "build_index": 3, "validate_index": 1,
                   "publish": 1}
 
@@ -82,18 +83,54 @@ def run_stage_in_process(stage: str, params: dict, run_id: str) -> dict:
     return {"stage": stage, "run_id": run_id, "result": str(result)[:2000]}
 
 
+# Stage -> the job file it spark-submits, and the validation stages a validate task checks.
+JOBS = {"validate_index": "validate"}
+VALIDATE_STAGES = {"validate": ["manifest", "images"], "validate_index": ["embeddings", "index"]}
+
+
+def stage_argv(stage: str, params: dict, run_id: str) -> list[str]:
+    """The command line of `jobs/<job>.py` for one task: the same inputs that run_stage_in_process
+    hands the stage (warehouse, run id, manifest, categories, private hosts, --force for the gates)."""
+    argv = ["--warehouse", params["warehouse"], "--run-id", run_id]
+    categories = [str(c) for c in params.get("categories") or []]
+    if stage == "crawl":
+        argv += ["--manifest", params["manifest"]]
+        if params.get("allow_private_hosts"):
+            argv.append("--allow-private-hosts")
+    if stage in ("crawl", "build_index") and categories:
+        argv += ["--categories", *categories]
+    if stage in VALIDATE_STAGES:
+        argv += ["--stage", *VALIDATE_STAGES[stage]]  # jobs/validate.py checks them in order
+        if params.get("force"):
+            argv.append("--force")
+    return argv
+
+
+if SPARK_CONN_ID:
+    from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
+
+    class StageSubmitOperator(SparkSubmitOperator):
+        """spark-submit one stage's job. `application_args` is one template rendering to a JSON list:
+        per-item templates could neither splice a list param (--categories a b) nor drop an unset flag."""
+
+        def render_template_fields(self, context, jinja_env=None) -> None:
+            super().render_template_fields(context, jinja_env)
+            if isinstance(self.application_args, str):
+                self.application_args = json.loads(self.application_args)
+
+
+RUN_ID_TEMPLATE = "params.run_id or ts_nodash ~ 'Z'"
+
+
 def _stage_task(stage: str, dag_id: str, **kwargs):
     timeout = timedelta(hours=STAGE_TIMEOUTS[stage])
     if SPARK_CONN_ID:
-        from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
-
-        args = ["--warehouse", "{{ params.warehouse }}", "--run-id", "{{ params.run_id or ts_nodash ~ 'Z' }}"]
-        if stage == "crawl":
-            args += ["--manifest", "{{ params.manifest }}"]
-        job = {"validate": "validate", "validate_index": "validate"}.get(stage, stage)
-        return SparkSubmitOperator(task_id=stage, conn_id=SPARK_CONN_ID, application=str(REPO / "jobs" / f"{job}.py"),
-                                   application_args=args, properties_file=str(REPO / "infra" / "spark" / "cluster.conf"),
-                                   execution_timeout=timeout, **kwargs)
+        job = JOBS.get(stage, stage)
+        return StageSubmitOperator(
+            task_id=stage, conn_id=SPARK_CONN_ID, application=str(REPO / "jobs" / f"{job}.py"),
+            application_args="{{ stage_argv(%r, params, %s) | tojson }}" % (stage, RUN_ID_TEMPLATE),
+            name="catalog-index %s {{ %s }}" % (stage, RUN_ID_TEMPLATE),
+            properties_file=str(REPO / "infra" / "spark" / "cluster.conf"), execution_timeout=timeout, **kwargs)
 
     @task(task_id=stage, execution_timeout=timeout, **kwargs)
     def run(**context):
@@ -133,6 +170,7 @@ with DAG(
     params={**COMMON_PARAMS, "categories": Param([], type="array", description="empty: every category")},
     tags=["catalog-index"],
     doc_md=__doc__,
+    user_defined_macros={"stage_argv": stage_argv},
 ) as nightly:
     _pipeline("catalog_nightly_reindex")
 
@@ -148,5 +186,6 @@ with DAG(
                                                  description="categories to backfill (required)")},
     tags=["catalog-index"],
     doc_md=__doc__,
+    user_defined_macros={"stage_argv": stage_argv},
 ) as backfill:
     _pipeline("catalog_backfill")

@@ -10,5 +10,7 @@ import sys
 
 from pipelines.cli import main
 
+COMMAND = "build-index"  # this job runs `catalog-index build-index`
+
 if __name__ == "__main__":
-    sys.exit(main(["build-index", *sys.argv[1:]]))
+    sys.exit(main([COMMAND, *sys.argv[1:]]))

@@ -10,5 +10,7 @@ import sys
 
 from pipelines.cli import main
 
+COMMAND = "crawl"  # this job runs `catalog-index crawl`
+
 if __name__ == "__main__":
-    sys.exit(main(["crawl", *sys.argv[1:]]))
+    sys.exit(main([COMMAND, *sys.argv[1:]]))

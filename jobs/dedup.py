@@ -9,5 +9,7 @@ import sys
 
 from pipelines.cli import main
 
+COMMAND = "dedup"  # this job runs `catalog-index dedup`
+
 if __name__ == "__main__":
-    sys.exit(main(["dedup", *sys.argv[1:]]))
+    sys.exit(main([COMMAND, *sys.argv[1:]]))

@@ -9,5 +9,7 @@ import sys
 
 from pipelines.cli import main
 
+COMMAND = "embed"  # this job runs `catalog-index embed`
+
 if __name__ == "__main__":
-    sys.exit(main(["embed", *sys.argv[1:]]))
+    sys.exit(main([COMMAND, *sys.argv[1:]]))

@@ -3,11 +3,40 @@
     spark-submit jobs/publish.py --warehouse s3://bucket/warehouse --run-id 20261123T0300Z
     python jobs/publish.py --warehouse s3://bucket/warehouse            # the newest passed build
 
-Same flags as `catalog-index publish --help`. Kept as a job so the DAG runs every stage the same way.
+Same flags as `catalog-index publish --help`. Kept as a job so the DAG runs every stage the same way;
+like the DAG's in-process publish task, publishing a run (--run-id) also writes its run report,
+reports/<run_id>/report.{html,json}.
 """
 import sys
 
-from pipelines.cli import main
+from pipelines.cli import build_parser, main
+
+COMMAND = "publish"  # this job runs `catalog-index publish`, then writes the run report
+
+
+def write_run_report(argv: list[str]) -> None:
+    """The run report of the run just published, with the snapshot LATEST now points to."""
+    from pipelines.index_cli import _index_settings, _storage
+    from pipelines.publish import read_latest, read_manifest
+    from pipelines.report import build_report
+
+    args = build_parser().parse_args([COMMAND, *argv])
+    if not args.run_id:
+        return
+    settings, cfg = _index_settings(args)
+    storage = _storage(settings)
+    manifest = read_manifest(storage, cfg.name, read_latest(storage, cfg.name)["snapshot_id"])
+    build_report(storage, args.run_id, extra={"snapshot": {
+        "snapshot_id": manifest["snapshot_id"], "previous": manifest["previous_snapshot"], **manifest["totals"],
+        "recall_at_10": manifest["recall_at_10"]["min"], "index": manifest["index_name"]}})
+
+
+def run(argv: list[str]) -> int:
+    code = main([COMMAND, *argv])
+    if code == 0:
+        write_run_report(argv)
+    return code
+
 
 if __name__ == "__main__":
-    sys.exit(main(["publish", *sys.argv[1:]]))
+    sys.exit(run(sys.argv[1:]))

@@ -8,5 +8,7 @@ import sys
 
 from pipelines.cli import main
 
+COMMAND = "train-head"  # this job runs `catalog-index train-head`
+
 if __name__ == "__main__":
-    sys.exit(main(["train-head", *sys.argv[1:]]))
+    sys.exit(main([COMMAND, *sys.argv[1:]]))

@@ -46,15 +46,17 @@ def get_spark(settings: Settings, app_name: str):
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
     builder = SparkSession.builder.appName(app_name)
     if "PYSPARK_GATEWAY_PORT" in os.environ:
-        conf = dict(settings.spark.conf)  # under spark-submit: its --master/--properties-file decide
+        # Under spark-submit its --master/--properties-file/--conf decide: a value set here would
+        # override them (the driver JVM already runs, and executors' Java options are the cluster's).
+        conf = dict(settings.spark.conf)
     else:
         builder = builder.master(settings.spark.master)
         conf = {**read_profile(settings.spark.profile), **settings.spark.conf}
-    log4j = INFRA_SPARK / "log4j2.properties"
-    if log4j.is_file():
-        # Keep Spark's own INFO/WARN chatter out of the user's terminal.
-        conf.setdefault("spark.driver.extraJavaOptions", f"-Dlog4j.configurationFile=file:{log4j}")
-        conf.setdefault("spark.executor.extraJavaOptions", f"-Dlog4j.configurationFile=file:{log4j}")
+        log4j = INFRA_SPARK / "log4j2.properties"
+        if log4j.is_file():
+            # Keep Spark's own INFO/WARN chatter out of the user's terminal.
+            conf.setdefault("spark.driver.extraJavaOptions", f"-Dlog4j.configurationFile=file:{log4j}")
+            conf.setdefault("spark.executor.extraJavaOptions", f"-Dlog4j.configurationFile=file:{log4j}")
     for key, value in conf.items():
         builder = builder.config(key, value)
     spark = builder.getOrCreate()

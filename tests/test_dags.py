@@ -1,6 +1,17 @@
-"""The Airflow DAGs import cleanly and describe the pipeline in order, with the promised policies."""
+"""The Airflow DAGs import cleanly and describe the pipeline in order, with the promised policies;
+with a Spark connection their tasks spark-submit the stage jobs with the right flags; `dag.test()`
+of the nightly DAG publishes, and of the backfill DAG leaves the other categories alone."""
+import copy
+import hashlib
+import importlib
+import importlib.util
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
+from types import SimpleNamespace
+from urllib.parse import quote, unquote, urlsplit
 
 import pytest
 
@@ -41,34 +52,208 @@ def test_schedules(dagbag):
     assert backfill.params.get_param("categories").schema["minItems"] == 1
 
 
-@pytest.mark.spark
-@pytest.mark.slow
-def test_nightly_dag_test_publishes_a_snapshot(tmp_path):
-    """`dag.test()` of the nightly DAG on a small sample crawled from a local HTTP server."""
-    import json
-    import subprocess
-    import sys
+def _job_commands(application: str, argv: list[str]) -> list[list[str]]:
+    """The `catalog-index` command lines that jobs/<job>.py runs for `argv` (validate: one per --stage)."""
+    module = importlib.import_module(f"jobs.{Path(application).stem}")
+    if hasattr(module, "stage_commands"):
+        return module.stage_commands(argv)
+    return [[module.COMMAND, *argv]]
 
+
+def _parse(command: list[str]):
+    from pipelines.cli import build_parser
+
+    try:
+        return build_parser().parse_args(command)
+    except SystemExit:  # argparse already printed why
+        pytest.fail(f"the job would refuse its command line: catalog-index {' '.join(command)}")
+
+
+@pytest.fixture
+def spark_submit_dags(dagbag, monkeypatch):
+    """The DAG file parsed again, as the scheduler parses it with CATALOG_INDEX_SPARK_CONN_ID set."""
+    monkeypatch.setenv("CATALOG_INDEX_SPARK_CONN_ID", "spark_cluster")
+    spec = importlib.util.spec_from_file_location("catalog_index_dags_spark_submit",
+                                                  REPO / "dags" / "catalog_index_dags.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _render(dag, conf: dict, ts_nodash: str) -> dict:
+    """Each task's rendered spark-submit: {task_id: (job file, [parsed catalog-index args, ...])}."""
+    params = copy.deepcopy(dag.params)
+    params.update(conf)
+    context = {"params": params.validate(), "ts_nodash": ts_nodash}
+    rendered = {}
+    for task in dag.tasks:
+        assert type(task).__name__ == "StageSubmitOperator" and task._conn_id == "spark_cluster"
+        assert Path(task.application).is_file() and Path(task.properties_file).is_file()
+        task.render_template_fields(context)
+        assert isinstance(task.application_args, list) and all(isinstance(a, str) for a in task.application_args)
+        rendered[task.task_id] = (Path(task.application).name,
+                                  [_parse(c) for c in _job_commands(task.application, task.application_args)])
+    return rendered
+
+
+def test_spark_submit_tasks_pass_what_the_in_process_tasks_get(spark_submit_dags):
+    conf = {"warehouse": "s3://search/warehouse", "manifest": "s3://feeds/catalog.csv",
+            "categories": ["food", "office supplies"], "force": True, "allow_private_hosts": True}
+    tasks = _render(spark_submit_dags.backfill, conf, "20261124T020000")
+    assert {task_id: job for task_id, (job, _) in tasks.items()} == {
+        "crawl": "crawl.py", "dedup": "dedup.py", "validate": "validate.py", "embed": "embed.py",
+        "build_index": "build_index.py", "validate_index": "validate.py", "publish": "publish.py"}
+    for task_id, (_, parsed) in tasks.items():
+        for args in parsed:
+            assert (args.warehouse, args.run_id) == (conf["warehouse"], "20261124T020000Z"), task_id
+    [crawl] = tasks["crawl"][1]
+    assert (crawl.command, crawl.manifest, crawl.categories, crawl.allow_private_hosts) == (
+        "crawl", conf["manifest"], ["food", "office supplies"], True)
+    [build] = tasks["build_index"][1]
+    assert (build.command, build.categories) == ("build-index", ["food", "office supplies"])
+    assert [(a.command, a.stage, a.force) for a in tasks["validate"][1]] == [
+        ("validate", "manifest", True), ("validate", "images", True)]
+    assert [(a.command, a.stage, a.force) for a in tasks["validate_index"][1]] == [
+        ("validate", "embeddings", True), ("validate", "index", True)]
+    assert [a.command for a in tasks["dedup"][1] + tasks["embed"][1] + tasks["publish"][1]] == [
+        "dedup", "embed", "publish"]
+
+    # The nightly defaults: every category, gates enforced, SSRF guard on; run id from the logical time
+    # unless given.
+    nightly = _render(spark_submit_dags.nightly, {"run_id": "20261125T020000Z"}, "20261124T020000")
+    [crawl] = nightly["crawl"][1]
+    assert (crawl.categories, crawl.allow_private_hosts, crawl.run_id) == (None, None, "20261125T020000Z")
+    assert nightly["build_index"][1][0].categories is None
+    assert [a.force for a in nightly["validate"][1] + nightly["validate_index"][1]] == [False] * 4
+
+
+# ---------------------------------------------------------------------------------------
+# dag.test(): the nightly run, then a backfill of one category on top of it
+# ---------------------------------------------------------------------------------------
+
+NIGHTLY_RUN, BACKFILL_RUN = "20261123T020000Z", "20261124T020000Z"
+
+
+def _dag_test(env: dict, dag: str, conf: dict) -> subprocess.CompletedProcess:
+    script = ("import json, sys; sys.path.insert(0, %r); import catalog_index_dags as d; "
+              "run = d.%s.test(run_conf=json.loads(sys.argv[1])); print('STATE', run.state)") % (str(REPO / "dags"), dag)
+    return subprocess.run([sys.executable, "-c", script, json.dumps(conf)], env=env, capture_output=True,
+                          text=True, timeout=900)
+
+
+def _tail(result: subprocess.CompletedProcess) -> str:
+    return result.stdout[-3000:] + result.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def nightly_run(tmp_path_factory):
+    """`dag.test()` of the nightly DAG on 30 sample images crawled from a local HTTP server, with
+    shards of at most 10 vectors (so a category backfill has other shards to keep). The server
+    stays up for the module: a later run crawls the same URLs."""
+    from pipelines.publish import read_latest, read_manifest
     from pipelines.sample_catalog import ImageServer, build_sample_manifest, write_manifest_csv
-
-    env = {**os.environ, "AIRFLOW_HOME": str(tmp_path / "airflow"), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-           "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"), "CATALOG_INDEX_NO_PROGRESS": "1"}
-    airflow = str(Path(sys.executable).parent / "airflow")
-    subprocess.run([airflow, "db", "migrate"], env=env, check=True, capture_output=True)
-    warehouse = (tmp_path / "wh").as_uri()
-    with ImageServer() as server:
-        manifest = write_manifest_csv(build_sample_manifest(server.base_url, 30), tmp_path / "manifest.csv")
-        conf = {"manifest": str(manifest), "warehouse": warehouse, "allow_private_hosts": True,
-                "run_id": "20261123T020000Z"}
-        script = ("import json, sys; sys.path.insert(0, %r); import catalog_index_dags as d; "
-                  "run = d.nightly.test(run_conf=json.loads(sys.argv[1])); print('STATE', run.state)") % str(REPO / "dags")
-        result = subprocess.run([sys.executable, "-c", script, json.dumps(conf)], env=env, capture_output=True,
-                                text=True, timeout=600)
-    assert "STATE success" in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]
     from pipelines.storage import open_storage
 
-    storage = open_storage(warehouse)
-    latest = json.loads(storage.read_text("indexes/catalog/LATEST"))
-    manifest_json = json.loads(storage.read_text(f"indexes/catalog/{latest['snapshot_id']}/manifest.json"))
-    assert manifest_json["source_run_id"] == "20261123T020000Z" and manifest_json["totals"]["vectors"] > 0
-    assert storage.exists("reports/20261123T020000Z/report.html")  # the publish task writes the run report
+    root = tmp_path_factory.mktemp("dag-test")
+    env = {**os.environ, "AIRFLOW_HOME": str(root / "airflow"), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+           "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"), "CATALOG_INDEX_NO_PROGRESS": "1",
+           "CATALOG_INDEX_INDEX__MAX_VECTORS_PER_SHARD": "10"}
+    env.pop("CATALOG_INDEX_SPARK_CONN_ID", None)
+    subprocess.run([str(Path(sys.executable).parent / "airflow"), "db", "migrate"], env=env, check=True,
+                   capture_output=True)
+    warehouse = (root / "wh").as_uri()
+    with ImageServer() as server:
+        rows = build_sample_manifest(server.base_url, 30)
+        manifest = write_manifest_csv(rows, root / "manifest.csv")
+        result = _dag_test(env, "nightly", {"manifest": str(manifest), "warehouse": warehouse,
+                                            "allow_private_hosts": True, "run_id": NIGHTLY_RUN})
+        storage = open_storage(warehouse)
+        latest = read_latest(storage, "catalog") if "STATE success" in result.stdout else None
+        yield SimpleNamespace(env=env, server=server, rows=rows, warehouse=warehouse, storage=storage, result=result,
+                              snapshot=read_manifest(storage, "catalog", latest["snapshot_id"]) if latest else None)
+
+
+@pytest.mark.spark
+@pytest.mark.slow
+def test_nightly_dag_test_publishes_a_snapshot(nightly_run):
+    assert "STATE success" in nightly_run.result.stdout, _tail(nightly_run.result)
+    snapshot = nightly_run.snapshot
+    assert snapshot["source_run_id"] == NIGHTLY_RUN and snapshot["totals"]["vectors"] > 0
+    assert snapshot["totals"]["shards"] > 1  # shards of at most 10 vectors
+    assert nightly_run.storage.exists(f"reports/{NIGHTLY_RUN}/report.html")  # the publish task writes the report
+
+
+def _new_product(rows: list[dict], base_url: str) -> tuple[dict, bytes]:
+    """A manifest row for a sample image not in `rows`, of a new product in one of their categories."""
+    from pipelines.sample_catalog import OPENCLIPART_DIR, list_sample_images, product_id_for
+
+    categories = {r["category"] for r in rows}
+    products = {r["product_id"] for r in rows}
+    listed = {unquote(urlsplit(r["image_url"]).path).lstrip("/") for r in rows}
+    for category, path in list_sample_images():
+        rel = path.relative_to(OPENCLIPART_DIR).as_posix()
+        if category in categories and rel not in listed and product_id_for(category, path) not in products:
+            return ({"product_id": product_id_for(category, path), "category": category,
+                     "image_url": f"{base_url}/{quote(rel)}", "title": path.stem}, path.read_bytes())
+    pytest.fail("no sample image left for a new product")
+
+
+def _file_digests(storage, prefix: str) -> dict[str, str]:
+    return {key: hashlib.sha256(storage.read_bytes(key)).hexdigest() for key in storage.list(prefix)}
+
+
+@pytest.mark.spark
+@pytest.mark.slow
+def test_backfill_dag_leaves_other_categories_alone(nightly_run, tmp_path):
+    """The analyst's backfill of one category (a new product in it): every shard without that
+    category is kept byte for byte, and no image of another category is embedded again."""
+    from pipelines.publish import read_latest, read_manifest
+    from pipelines.sample_catalog import write_manifest_csv
+
+    assert "STATE success" in nightly_run.result.stdout, _tail(nightly_run.result)
+    storage, before = nightly_run.storage, nightly_run.snapshot
+    row, image = _new_product(nightly_run.rows, nightly_run.server.base_url)
+    category = row["category"]
+    manifest = write_manifest_csv([*nightly_run.rows, row], tmp_path / "manifest.csv")
+    embeddings_before = _file_digests(storage, "embeddings/")
+    assert embeddings_before
+
+    result = _dag_test(nightly_run.env, "backfill", {
+        "manifest": str(manifest), "warehouse": nightly_run.warehouse, "allow_private_hosts": True,
+        "run_id": BACKFILL_RUN, "categories": [category]})
+    assert "STATE success" in result.stdout, _tail(result)
+
+    latest = read_latest(storage, "catalog")
+    after = read_manifest(storage, "catalog", latest["snapshot_id"], latest.get("manifest_sha256"))
+    assert after["source_run_id"] == BACKFILL_RUN and after["previous_snapshot"] == before["snapshot_id"]
+    assert after["backfill"] == {"categories": [category], "base_snapshot": before["snapshot_id"]}
+    assert after["totals"]["vectors"] == before["totals"]["vectors"] + 1  # the new product's image
+
+    # Every shard without the category: kept under its id, the same files byte for byte. The category's
+    # shard (with the categories packed beside it) is rebuilt under new shard ids.
+    [old_home] = [s for s in before["shards"] if category in s["categories"]]
+    others = [s for s in before["shards"] if category not in s["categories"]]
+    assert others  # shards of at most 10 vectors: there is something to keep
+    after_shards = {s["shard_id"]: s for s in after["shards"]}
+    before_prefix = f"indexes/catalog/{before['snapshot_id']}/"
+    after_prefix = f"indexes/catalog/{after['snapshot_id']}/"
+    for old in others:
+        kept = after_shards[old["shard_id"]]
+        assert kept["categories"] == old["categories"] and kept["reused_from"] == before["snapshot_id"]
+        assert kept["files"].keys() == old["files"].keys()
+        for role, entry in kept["files"].items():
+            assert storage.read_bytes(after_prefix + entry["path"]) == \
+                storage.read_bytes(before_prefix + old["files"][role]["path"]), (old["shard_id"], role)
+    rebuilt = [s for s in after["shards"] if not s.get("reused_from")]
+    assert rebuilt and not {s["shard_id"] for s in rebuilt} & {s["shard_id"] for s in before["shards"]}
+    assert sorted(c for s in rebuilt for c in s["categories"]) == old_home["categories"]
+    assert len(after["shards"]) == len(others) + len(rebuilt)
+
+    # Embeddings: nothing of the nightly cache rewritten or removed; the only new vector is the new image's.
+    embeddings_after = _file_digests(storage, "embeddings/")
+    assert {key: embeddings_after.get(key) for key in embeddings_before} == embeddings_before
+    new_shas = [sha for key in sorted(set(embeddings_after) - set(embeddings_before)) if key.endswith(".parquet")
+                for sha in storage.read_table(key, columns=["sha256"]).column("sha256").to_pylist()]
+    assert new_shas == [hashlib.sha256(image).hexdigest()]
+    embed = json.loads(storage.read_text(f"runs/{BACKFILL_RUN}/embed/_SUCCESS.json"))
+    assert embed["embedded"] == 1 and embed["quarantined"] == 0
