@@ -73,13 +73,13 @@ def run_stage_in_process(stage: str, params: dict, run_id: str) -> dict:
 
         raise AirflowFailException(str(exc)) from exc  # a gate is not retried: it needs a person
     if stage == "publish":
-        from pipelines.report import build_report
+        from pipelines.report import build_report, search_samples_or_note, snapshot_summary
         from pipelines.storage import open_storage
 
         build_report(open_storage(settings.warehouse, settings.s3), run_id,
-                     extra={"snapshot": {"snapshot_id": result.snapshot_id, "previous": result.previous_snapshot,
-                                         **result.manifest["totals"], "recall_at_10": result.manifest["recall_at_10"]["min"],
-                                         "index": result.manifest["index_name"]}})
+                     extra={"snapshot": snapshot_summary(result.manifest), "categories": ctx.categories,
+                            "forced": ctx.force},
+                     search_samples=search_samples_or_note(settings, run_id, result.manifest["index_name"]))
     return {"stage": stage, "run_id": run_id, "result": str(result)[:2000]}
 
 

@@ -131,7 +131,7 @@ def run_stage(stage: str, ctx: RunContext) -> Any:
 def run_pipeline(ctx: RunContext, stages: list[str] | None = None,
                  on_stage: Callable[[str, float, Any], None] | None = None) -> dict[str, Any]:
     """Run the stages in order; always write the run report; re-raise PipelineStopped."""
-    from pipelines.report import build_report
+    from pipelines.report import build_report, search_samples_or_note, snapshot_summary
     from pipelines.storage import open_storage
 
     timings: dict[str, float] = {}
@@ -150,27 +150,14 @@ def run_pipeline(ctx: RunContext, stages: list[str] | None = None,
     extra: dict[str, Any] = {"categories": ctx.categories, "forced": ctx.force}
     publish = ctx.results.get("publish")
     if publish is not None:
-        manifest = publish.manifest
-        extra["snapshot"] = {"snapshot_id": publish.snapshot_id, "previous": publish.previous_snapshot,
-                             "vectors": manifest["totals"]["vectors"], "products": manifest["totals"]["products"],
-                             "shards": manifest["totals"]["shards"], "recall_at_10": manifest["recall_at_10"]["min"],
-                             "index": manifest["index_name"]}
+        extra["snapshot"] = snapshot_summary(publish.manifest)
     if stopped is not None:
         extra["stopped"] = str(stopped)
     storage = open_storage(ctx.settings.warehouse, ctx.settings.s3)
     report = build_report(storage, ctx.run_id, stage_timings=timings, extra=extra,
-                          search_samples=_search_samples(ctx) if publish is not None else None)
+                          search_samples=search_samples_or_note(ctx.settings, ctx.run_id, publish.manifest["index_name"])
+                          if publish is not None else None)
     if stopped is not None:
         raise stopped
     return report
 
-
-def _search_samples(ctx: RunContext, queries: int = 4, k: int = 5) -> list[dict]:
-    """A few catalog images searched against the just-published snapshot, for the report."""
-    from pipelines.report import sample_search_results
-
-    try:
-        return sample_search_results(ctx.settings, ctx.run_id, ctx.results["publish"].manifest["index_name"],
-                                     queries=queries, k=k)
-    except Exception as exc:  # the report must not fail the run
-        return [{"query": f"sample search unavailable: {exc}", "results": []}]

@@ -180,7 +180,16 @@ def test_nightly_dag_test_publishes_a_snapshot(nightly_run):
     snapshot = nightly_run.snapshot
     assert snapshot["source_run_id"] == NIGHTLY_RUN and snapshot["totals"]["vectors"] > 0
     assert snapshot["totals"]["shards"] > 1  # shards of at most 10 vectors
-    assert nightly_run.storage.exists(f"reports/{NIGHTLY_RUN}/report.html")  # the publish task writes the report
+    # The publish task writes the run report, with example searches against the new snapshot:
+    # a catalog image finds its own product first; the HTML shows the query and hit pictures.
+    report = json.loads(nightly_run.storage.read_text(f"reports/{NIGHTLY_RUN}/report.json"))
+    assert report["snapshot"]["snapshot_id"] == snapshot["snapshot_id"]
+    assert len(report["search_samples"]) >= 2
+    for sample in report["search_samples"]:
+        assert sample["results"], sample["query"]
+        assert sample["query"].startswith(sample["results"][0]["product_id"] + " (")
+    pictures = nightly_run.storage.read_text(f"reports/{NIGHTLY_RUN}/report.html").count("<img src='data:image")
+    assert pictures >= sum(1 + len(sample["results"]) for sample in report["search_samples"])
 
 
 def _new_product(rows: list[dict], base_url: str) -> tuple[dict, bytes]:
