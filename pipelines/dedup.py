@@ -159,9 +159,14 @@ def confirm_task(task: ConfirmTask) -> list[float]:
 # driver side
 # ---------------------------------------------------------------------------------------
 
+# Bumped whenever the same bytes would hash differently (2: transparency composited on white).
+HASH_VERSION = 2
+
+
 def hash_cache_prefix(draft_size: int | None) -> str:
-    """pHashes are cached per sha256 and per decode mode (a drafted JPEG decode hashes differently)."""
-    return f"{HASHES_ROOT}{'exact' if draft_size is None else f'draft{draft_size}'}/"
+    """pHashes are cached per sha256, per decode mode (a drafted JPEG decode hashes differently)
+    and per HASH_VERSION."""
+    return f"{HASHES_ROOT}v{HASH_VERSION}-{'exact' if draft_size is None else f'draft{draft_size}'}/"
 
 
 def read_hash_cache(storage: Storage, draft_size: int | None) -> pd.DataFrame:
@@ -357,7 +362,7 @@ def _rules_now(cfg: DedupSettings) -> dict:
     from pipelines.near_duplicates import CONFIRMATION_CROPS
 
     return {"max_distance": cfg.max_distance, "confirm_threshold": cfg.confirm_threshold,
-            "crops": list(CONFIRMATION_CROPS), "draft": cfg.jpeg_draft_size}
+            "crops": list(CONFIRMATION_CROPS), "draft": cfg.jpeg_draft_size, "hash_version": HASH_VERSION}
 
 
 def _rules(storage: Storage, run_id: str) -> dict | None:

@@ -29,6 +29,7 @@ from PIL import Image, UnidentifiedImageError
 
 from pipelines.model import (FEATURE_DIM, ModelSpec, PcaProjection, Preprocessing, load_embedding_model,
                              model_version, pixels_to_input)
+from pipelines.phash import flatten_alpha
 
 # Reason codes, shared with the crawl stage's image check so quarantine reports read the same.
 NOT_AN_IMAGE = "not_an_image"
@@ -71,13 +72,7 @@ def _to_rgb(image: Image.Image, background: tuple[int, int, int]) -> Image.Image
     """RGB, with any transparency composited on `background` (a product shot on white)."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         image = Image.fromarray((np.asarray(image, dtype=np.uint32) >> 8).clip(0, 255).astype(np.uint8))
-    if image.mode in ("P", "PA"):
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "La", "RGBa"):
-        rgba = image.convert("RGBA")
-        canvas = Image.new("RGB", rgba.size, background)
-        canvas.paste(rgba, mask=rgba.getchannel("A"))
-        return canvas
+    image = flatten_alpha(image, background)
     return image if image.mode == "RGB" else image.convert("RGB")
 
 

@@ -39,6 +39,8 @@ import scipy.sparse
 import scipy.sparse.csgraph
 from PIL import Image
 
+from pipelines.phash import flatten_alpha
+
 HASH_BITS = 64
 
 # Bands up to this width use a dense value -> group table (2**24 int32 = 64 MiB at most);
@@ -627,7 +629,8 @@ def confirmation_views(image: Image.Image, side: int) -> np.ndarray:
     """One unit-length, mean-free RGB vector per crop in CONFIRMATION_CROPS, of the image
     resized to ``side`` x ``side``. Mean-free and unit-length: a brightness or contrast
     change of the whole image does not move it; a colour change does."""
-    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    rgb = flatten_alpha(image)  # transparent pixels on white, as the hash and the embedder see them
+    rgb = rgb if rgb.mode == "RGB" else rgb.convert("RGB")
     if rgb.width > 2 * side and rgb.height > 2 * side:
         # One area-average to twice the comparison size; the crops are cut from that.
         rgb = rgb.resize((2 * side, 2 * side), Image.BOX)

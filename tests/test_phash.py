@@ -20,6 +20,7 @@ from pipelines.phash import (
     NOT_AN_IMAGE,
     TRUNCATED,
     ImageDecodeError,
+    flatten_alpha,
     phash_bytes,
     phash_from_hex,
     phash_hex,
@@ -60,10 +61,35 @@ def sample_jpegs(sample_pngs) -> list[bytes]:
     return [jpeg_on_white(png) for png in sample_pngs[:40]]
 
 
+def has_transparency(data: bytes) -> bool:
+    image = Image.open(io.BytesIO(data))
+    return image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
+
+
 def test_batch_hashes_equal_imagehash_on_sample_pngs(sample_pngs):
     hashes = phash_many(sample_pngs)
     assert hashes.dtype == np.uint64
-    assert [phash_hex(value) for value in hashes] == [imagehash_hex(png) for png in sample_pngs]
+    # Opaque images: imagehash.phash exactly. Transparent ones: imagehash.phash of the image
+    # composited on white (imagehash alone would hash the colour under the transparency).
+    expected = [str(imagehash.phash(flatten_alpha(Image.open(io.BytesIO(png))))) if has_transparency(png)
+                else imagehash_hex(png) for png in sample_pngs]
+    assert [phash_hex(value) for value in hashes] == expected
+    assert 5 < sum(map(has_transparency, sample_pngs)) < len(sample_pngs)  # both kinds are covered
+
+
+def test_a_line_drawing_on_a_transparent_canvas_is_not_a_black_square():
+    canvas = Image.new("RGBA", (120, 120), (0, 0, 0, 0))
+    ImageDraw.Draw(canvas).line([(10, 100), (60, 15), (110, 100)], fill=(0, 0, 0, 255), width=3)
+    other = Image.new("RGBA", (120, 120), (0, 0, 0, 0))
+    ImageDraw.Draw(other).ellipse([20, 20, 100, 100], outline=(0, 0, 0, 255), width=3)
+    blobs = []
+    for image in (canvas, other):
+        buffer = io.BytesIO()
+        image.save(buffer, "PNG")
+        blobs.append(buffer.getvalue())
+    assert imagehash_hex(blobs[0]) == imagehash_hex(blobs[1]) == "0" * 16  # what imagehash sees: black squares
+    first, second = phash_many(blobs)
+    assert hamming_distance(first, second) > 16  # a caret and a ring are far apart once on white
 
 
 def test_batch_hashes_equal_imagehash_on_jpegs(sample_jpegs):
