@@ -193,29 +193,31 @@ def read_dedup_images(storage: Storage, run_id: str) -> pd.DataFrame:
 
 
 def with_valid_canonicals(rows: pd.DataFrame, rejected: set[str]) -> pd.DataFrame:
-    """Dedup rows (DEDUP_IMAGES) without the images validation rejected, and with a new
-    canonical image for every cluster whose canonical one was rejected: the best remaining
-    member by the same rule (largest resolution, earliest fetched, smallest sha256).
+    """Dedup rows (DEDUP_IMAGES) whose canonical image is not `rejected` by validation: a
+    cluster whose canonical image was rejected gets a new one, its best valid member by the
+    same rule (largest resolution, earliest fetched, smallest sha256), and all its rows point
+    there; a cluster with no valid member is left out (its rows are quarantined).
 
     Dedup runs before validation, so a cluster's canonical image can fail a check (format,
-    byte size...) that a copy of it passes; without this, the copy's products would lose
-    their only picture. `cluster_id` keeps naming the cluster as dedup found it.
+    byte size...) that a copy of it passes; without this, every product of the cluster would
+    lose its picture. `cluster_id` keeps naming the cluster as dedup found it.
     """
     from pipelines.near_duplicates import choose_canonical
 
-    kept = rows[~rows["sha256"].isin(rejected)].copy()
-    orphaned = kept["canonical_sha256"].isin(rejected)
+    orphaned = rows["canonical_sha256"].isin(rejected)
     if not orphaned.any():
-        return kept.reset_index(drop=True)
-    members = (kept[orphaned].sort_values(["cluster_id", "sha256", "fetched_at"])
+        return rows.reset_index(drop=True)
+    members = (rows[orphaned & ~rows["sha256"].isin(rejected)].sort_values(["cluster_id", "sha256", "fetched_at"])
                .drop_duplicates("sha256").reset_index(drop=True))
     labels = pd.factorize(members["cluster_id"])[0]
     best = choose_canonical(labels, members["width"].fillna(0), members["height"].fillna(0),
                             members["fetched_at"].astype("int64"), members["sha256"])
-    new_canonical = dict(zip(members["sha256"], members["sha256"].to_numpy()[best]))
-    kept.loc[orphaned, "canonical_sha256"] = kept.loc[orphaned, "sha256"].map(new_canonical)
-    kept["is_canonical"] = kept["sha256"] == kept["canonical_sha256"]
-    return kept.reset_index(drop=True)
+    new_canonical = dict(zip(members["cluster_id"], members["sha256"].to_numpy()[best]))
+    out = rows.copy()
+    out.loc[orphaned, "canonical_sha256"] = out.loc[orphaned, "cluster_id"].map(new_canonical)
+    out = out[out["canonical_sha256"].notna()]
+    out["is_canonical"] = out["sha256"] == out["canonical_sha256"]
+    return out.reset_index(drop=True)
 
 
 def _hash_missing(storage, settings: Settings, run_id, images, runner, spark) -> tuple[pd.DataFrame, int]:

@@ -128,11 +128,14 @@ def test_a_cluster_whose_canonical_image_fails_validation_keeps_its_products():
         "cluster_id": ["a", "a", "a", "d"], "canonical_sha256": ["a", "a", "a", "d"],
         "is_canonical": [True, False, False, True], "duplicate_kind": ["none", "near", "near", "none"],
         "run_id": ["r"] * 4})
-    # The 800px canonical image is rejected (say, a TIFF): its 400px copy takes over the cluster.
+    # The 800px canonical image is rejected (say, a TIFF): its 400px copy takes over the cluster,
+    # and every product of the cluster, "big" too, is searchable through it.
     out = with_valid_canonicals(rows, rejected={"a"}).set_index("product_id")
-    assert sorted(out.index) == ["alone", "mid", "small"]
-    assert out.loc["mid", "canonical_sha256"] == "b" and out.loc["small", "canonical_sha256"] == "b"
+    assert sorted(out.index) == ["alone", "big", "mid", "small"]
+    assert set(out.loc[["big", "mid", "small"], "canonical_sha256"]) == {"b"}
     assert bool(out.loc["mid", "is_canonical"]) and not bool(out.loc["small", "is_canonical"])
     assert out.loc["alone", "canonical_sha256"] == "d"
+    # A cluster with no valid image left is dropped (its rows were quarantined by validation).
+    assert sorted(with_valid_canonicals(rows, rejected={"d"})["product_id"]) == ["big", "mid", "small"]
     # Nothing rejected: the rows are unchanged.
     assert with_valid_canonicals(rows, rejected=set())["canonical_sha256"].tolist() == ["a", "a", "a", "d"]
