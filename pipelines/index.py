@@ -17,6 +17,11 @@ How it is cut up:
 * `build_shard` (a plain function: tests and the benchmark call it directly) builds one shard
   from any `VectorSource` and measures recall@10 against exact search on held-out vectors.
   `run_shard_task` is the one-Spark-task-per-shard wrapper around it.
+* A shard task reads only its own vectors. The driver locates every vector from the embeddings
+  cache's sha256 column alone (`locate_vectors`); `plan_vector_reads` then either routes the rows
+  (several shards: one pass of route tasks reads each needed row group once and writes each row to
+  its shard's staged file) or, for a single shard, lets its task read just the row groups holding
+  its rows. Parquet is read by row group and column, with ranged reads on S3.
 * `build_index` is the driver: plan, dispatch with `pipelines.spark.run_tasks`, write `_build.json`,
   and raise `IndexCheckFailed` when a shard's recall is under `min_recall`, so nothing is published.
 
@@ -365,15 +370,16 @@ def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray, query_ids: np.nda
     """Mean |approx top-k ∩ exact top-k| / |exact top-k|.
 
     When the queries are vectors of the index (`query_ids` given) each query's own id is removed
-    from both lists first: finding itself is free and would flatter the index.
+    from both lists first: finding itself is free and would flatter the index. A shard of one
+    vector has no neighbour to find (and no query left to check): nothing is missed, recall 1.
     """
     total = 0.0
     for row in range(len(exact_ids)):
         own = query_ids[row] if query_ids is not None else None
         exact = [i for i in exact_ids[row] if i != own and i >= 0][:k]
         approx = [i for i in approx_ids[row] if i != own and i >= 0][:k]
-        total += len(set(exact) & set(approx)) / max(1, len(exact))
-    return total / max(1, len(exact_ids))
+        total += len(set(exact) & set(approx)) / len(exact) if exact else 1.0
+    return total / len(exact_ids) if len(exact_ids) else 1.0
 
 
 def _search_with(index, queries: np.ndarray, k: int, params: dict[str, int]) -> np.ndarray:
@@ -515,17 +521,37 @@ def build_shard(source: VectorSource, cfg: IndexSettings, choice: IndexChoice | 
 # ------------------------------------------------------------------------------------------
 
 @dataclass
+class ParquetSlice:
+    """Some row groups (None: all) of one Parquet file with `sha256` and `vector` columns."""
+    key: str
+    row_groups: list[int] | None = None
+
+
+@dataclass
 class ShardTask:
-    """Build one shard from its staged member rows; upload the index and the id map."""
+    """Build one shard from its staged member rows and the files that hold its vectors (see
+    `plan_vector_reads`); upload the index and the id map."""
     warehouse: str
     s3: S3Settings
     snapshot_prefix: str
     shard_id: str
     categories: list[str]
     members_key: str
-    embeddings_prefix: str
+    vector_files: list[ParquetSlice]
     cfg: IndexSettings
     threads: int
+
+
+@dataclass
+class RouteTask:
+    """Read some embeddings row groups once; write each wanted row to the routed file of every shard
+    that indexes it (`<staging>vectors/<shard_id>/route-<number>.parquet`)."""
+    warehouse: str
+    s3: S3Settings
+    number: int
+    staging_prefix: str
+    shard_ids: list[str]
+    reads: list[tuple[str, int, np.ndarray, np.ndarray]]  # (key, row group, rows in it, shard number of each)
 
 
 @dataclass
@@ -564,40 +590,52 @@ def _task_scratch_dir() -> str:
     return tempfile.gettempdir()
 
 
-def _stage_shard_vectors(storage: Storage, embeddings_key_prefix: str, shas: np.ndarray,
+def read_vector_row_groups(storage: Storage, piece: ParquetSlice) -> Iterator[tuple[int, pa.Table]]:
+    """(row group number, its sha256 and vector columns) for each row group of a slice, one at a time:
+    never a whole file in memory, and on S3 only those row groups' column chunks are fetched.
+    Every read of vectors in a build goes through here."""
+    import pyarrow.parquet as pq
+
+    with storage.open_input(piece.key) as handle:
+        parquet = pq.ParquetFile(handle)
+        groups = range(parquet.num_row_groups) if piece.row_groups is None else piece.row_groups
+        for group in groups:
+            yield group, parquet.read_row_group(group, columns=["sha256", "vector"])
+
+
+def _stage_shard_vectors(storage: Storage, vector_files: list[ParquetSlice], shas: np.ndarray,
                          path: str) -> tuple[FileVectors, np.ndarray]:
     """Write the vectors of `shas` (sorted) to `path` in that order; return them and the found mask.
 
-    Scans every embeddings part once, keeping only this shard's rows, so a task holds one part
-    at a time, never the whole table.
+    Reads only `vector_files` (the driver's plan: this shard's routed rows, or the embeddings row
+    groups that hold its rows), one row group at a time.
     """
-    keys = sorted(k for k in storage.list(embeddings_key_prefix) if k.endswith(".parquet"))
-    wanted = pa.array(shas, type=pa.string())
+    position_of = {sha: number for number, sha in enumerate(shas.tolist())}  # hashed once, not per row group
     found = np.zeros(len(shas), dtype=bool)
     dim = 0
     with open(path, "wb") as handle:
         fd = handle.fileno()
-        for key in keys:
-            part = storage.read_parquet_file(key, columns=["sha256", "vector"])
-            positions = pc.index_in(part.column("sha256"), value_set=wanted)
-            mask = positions.is_valid()
-            if not pc.any(mask).as_py():
-                continue
-            part = part.filter(mask)
-            rows = pc.index_in(part.column("sha256"), value_set=wanted).to_numpy(zero_copy_only=False)
-            vectors = part.column("vector").combine_chunks()
-            lengths = pc.list_value_length(vectors).to_numpy(zero_copy_only=False)
-            if dim == 0:
-                dim = int(lengths[0])
-            if (lengths != dim).any():
-                raise IndexBuildError(f"{storage.uri_for(key)} holds vectors of lengths {sorted(set(lengths.tolist()))}; "
-                                      f"expected {dim} everywhere: one model version must give one dimension")
-            values = vectors.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, dim)
-            for row, position in enumerate(rows):
-                if found[position]:
-                    continue  # the cache should hold one vector per image; keep the first
-                found[position] = True
-                os.pwrite(fd, values[row].tobytes(), int(position) * 4 * dim)
+        for piece in vector_files:
+            for _, part in read_vector_row_groups(storage, piece):
+                rows = np.array([position_of.get(sha, -1) for sha in part.column("sha256").to_pylist()], dtype=np.int64)
+                mask = rows >= 0
+                if not mask.any():
+                    continue
+                part, rows = part.filter(pa.array(mask)), rows[mask]
+                vectors = part.column("vector").combine_chunks()
+                lengths = pc.list_value_length(vectors).to_numpy(zero_copy_only=False)
+                if dim == 0:
+                    dim = int(lengths[0])
+                if (lengths != dim).any():
+                    raise IndexBuildError(f"{storage.uri_for(piece.key)} holds vectors of lengths "
+                                          f"{sorted(set(lengths.tolist()))}; expected {dim} everywhere: one model "
+                                          "version must give one dimension")
+                values = vectors.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, dim)
+                for row, position in enumerate(rows):
+                    if found[position]:
+                        continue  # the cache should hold one vector per image; keep the first
+                    found[position] = True
+                    os.pwrite(fd, values[row].tobytes(), int(position) * 4 * dim)
     return FileVectors(path, len(shas), max(dim, 1)), found
 
 
@@ -610,7 +648,7 @@ def run_shard_task(task: ShardTask | CopyTask) -> dict:
     shas = np.array(sorted(set(members.column("sha256").to_pylist())), dtype=object)
     scratch = tempfile.mkdtemp(prefix=f"{task.shard_id}-", dir=_task_scratch_dir())
     try:
-        staged, found = _stage_shard_vectors(storage, task.embeddings_prefix, shas, os.path.join(scratch, "staged.f32"))
+        staged, found = _stage_shard_vectors(storage, task.vector_files, shas, os.path.join(scratch, "staged.f32"))
         missing = shas[~found].tolist()
         if missing:
             # Compact to the vectors we have, so that vector ids are 0..n-1 without holes.
@@ -645,7 +683,7 @@ def run_shard_task(task: ShardTask | CopyTask) -> dict:
             "search_params": built.search_params,
             "vectors": int(built.index.ntotal),
             "dimension": source.dim,
-            "products": len(set(idmap.column("product_id").to_pylist())),
+            "products": pc.count_distinct(idmap.column("product_id")).as_py(),
             "idmap_rows": idmap.num_rows,
             "recall_at_10": built.recall_at_10,
             "recall_queries": built.recall_queries,
@@ -662,12 +700,12 @@ def run_shard_task(task: ShardTask | CopyTask) -> dict:
 
 
 def _idmap_table(members: pa.Table, shas: np.ndarray) -> pa.Table:
-    """INDEX_IDMAP rows for the vectors that were indexed, vector id = position in `shas`."""
-    position = {sha: i for i, sha in enumerate(shas.tolist())}
-    rows = members.to_pylist()
-    rows = [dict(row, vector_id=position[row["sha256"]]) for row in rows if row["sha256"] in position]
-    rows.sort(key=lambda row: (row["vector_id"], row["product_id"]))
-    return pa.Table.from_pylist(rows, schema=INDEX_IDMAP)
+    """INDEX_IDMAP rows for the vectors that were indexed, vector id = position in `shas`
+    (columnar: a million-product shard never becomes a million Python dicts)."""
+    vector_id = pc.index_in(members.column("sha256"), value_set=pa.array(shas.tolist(), type=pa.string()))
+    table = members.append_column("vector_id", vector_id.cast(pa.int64())).filter(vector_id.is_valid())
+    table = table.sort_by([("vector_id", "ascending"), ("product_id", "ascending")])
+    return pa.table([table.column(f.name).cast(f.type) for f in INDEX_IDMAP], schema=INDEX_IDMAP)
 
 
 def _table_bytes(table: pa.Table) -> bytes:
@@ -694,6 +732,174 @@ def _copy_shard(storage: Storage, task: CopyTask) -> dict:
     shard["reused_from"] = shard.get("reused_from") or task.source_prefix.rstrip("/").rsplit("/", 1)[-1]
     shard["missing_embeddings"] = []
     return shard
+
+
+# ------------------------------------------------------------------------------------------
+# which rows each shard task reads: locate every vector once, route rows to their shards
+# ------------------------------------------------------------------------------------------
+
+ROUTE_ROWS_PER_TASK = 100_000   # embeddings rows (whole row groups) one route task reads
+ROUTE_FLUSH_BYTES = 64 << 20    # a route task holds at most about this much before writing
+ROUTED_SCHEMA = pa.schema([("sha256", pa.string()), ("vector", pa.list_(pa.float32()))])
+
+
+def locate_vectors(storage: Storage, embeddings_key_prefix: str, threads: int = 16) -> tuple[list[str], pa.Table]:
+    """(embeddings part keys, one row per stored vector: sha256, part, row_group, row).
+
+    Reads only each part's footer and sha256 column, never the vectors (on S3: ranged GETs)."""
+    import pyarrow.parquet as pq
+    from concurrent.futures import ThreadPoolExecutor
+
+    keys = sorted(k for k in storage.list(embeddings_key_prefix) if k.endswith(".parquet"))
+
+    def read(number: int) -> list[pa.Table]:
+        with storage.open_input(keys[number]) as handle:
+            parquet = pq.ParquetFile(handle)
+            pieces = []
+            for group in range(parquet.num_row_groups):
+                shas = parquet.read_row_group(group, columns=["sha256"]).column(0).cast(pa.string())
+                count = len(shas)
+                pieces.append(pa.table({"sha256": shas, "part": np.full(count, number, dtype=np.int32),
+                                        "row_group": np.full(count, group, dtype=np.int32),
+                                        "row": np.arange(count, dtype=np.int32)}))
+            return pieces
+
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(keys)))) as pool:
+        pieces = [piece for found in pool.map(read, range(len(keys))) for piece in found]
+    schema = pa.schema([("sha256", pa.string()), ("part", pa.int32()), ("row_group", pa.int32()), ("row", pa.int32())])
+    return keys, pa.concat_tables(pieces) if pieces else schema.empty_table()
+
+
+@dataclass
+class VectorReads:
+    """The driver's plan for getting every shard's vectors to its task."""
+    mode: str                                  # direct | routed
+    shard_files: dict[str, list[ParquetSlice]]
+    route_tasks: list[RouteTask]
+    row_groups_read: int                       # embeddings row groups whose vectors are read
+    rows_read: int                             # embeddings rows in them
+
+    def describe(self) -> dict:
+        return {"mode": self.mode, "route_tasks": len(self.route_tasks),
+                "embeddings_row_groups_read": self.row_groups_read, "embeddings_rows_read": self.rows_read}
+
+
+def plan_vector_reads(keys: list[str], located: pa.Table, shard_shas: dict[str, pa.Array], staging_prefix: str,
+                      warehouse: str, s3: S3Settings) -> VectorReads:
+    """Decide which embeddings rows each shard task reads.
+
+    Embed tasks write vectors in sha256 order, so every embeddings row group holds images of every
+    category: a shard task reading its own rows straight from the cache would read nearly all of it.
+    So with several shards, each row group that holds a wanted vector is read once, by a route task,
+    which writes every wanted row to the routed files of the shards that index it; a shard task then
+    reads exactly its rows. With one shard (a one-category backfill, a small catalog) the task reads
+    the row groups that hold its rows directly. Row groups holding no wanted vector (images no
+    longer in the catalog) are never read. An image stored twice is read from its first copy.
+    """
+    part = located.column("part").to_numpy()
+    group = located.column("row_group").to_numpy()
+    row = located.column("row").to_numpy()
+    group_key = (part.astype(np.int64) << 32) | group
+    keys_of_groups, group_rows = np.unique(group_key, return_counts=True)
+    rows_in_group = dict(zip(keys_of_groups.tolist(), group_rows.tolist()))
+
+    wanted = pa.concat_arrays([pa.array(shas, type=pa.string()) for shas in shard_shas.values()])
+    numbers = np.concatenate([np.full(len(shas), number, dtype=np.int32)
+                              for number, shas in enumerate(shard_shas.values())])
+    found = pc.index_in(wanted, value_set=located.column("sha256"))  # the first stored copy of each image
+    stored = found.is_valid().to_numpy(zero_copy_only=False)
+    position = found.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)[stored]
+    shard_of = numbers[stored]
+    needed_groups = np.unique(group_key[position])
+    rows_read = sum(rows_in_group[g] for g in needed_groups.tolist())
+
+    def split(key: int) -> tuple[str, int]:
+        return keys[key >> 32], key & 0xFFFFFFFF
+
+    if len(shard_shas) == 1:
+        files: dict[str, list[int]] = {}
+        for key in needed_groups.tolist():
+            name, number = split(key)
+            files.setdefault(name, []).append(number)
+        shard_id = next(iter(shard_shas))
+        return VectorReads("direct", {shard_id: [ParquetSlice(k, sorted(v)) for k, v in sorted(files.items())]},
+                           [], len(needed_groups), rows_read)
+
+    order = np.lexsort((row[position], group_key[position]))
+    position, shard_of = position[order], shard_of[order]
+    starts = np.flatnonzero(np.r_[True, np.diff(group_key[position]) != 0])
+    bounds = list(zip(starts.tolist(), starts[1:].tolist() + [len(position)]))
+    shard_ids = list(shard_shas)
+    route_tasks: list[RouteTask] = []
+    reads: list[tuple[str, int, np.ndarray, np.ndarray]] = []
+    budget = 0
+    for start, stop in bounds:
+        key = int(group_key[position[start]])
+        name, number = split(key)
+        reads.append((name, number, row[position[start:stop]].astype(np.int32), shard_of[start:stop]))
+        budget += rows_in_group[key]
+        if budget >= ROUTE_ROWS_PER_TASK:
+            route_tasks.append(RouteTask(warehouse, s3, len(route_tasks), staging_prefix, shard_ids, reads))
+            reads, budget = [], 0
+    if reads:
+        route_tasks.append(RouteTask(warehouse, s3, len(route_tasks), staging_prefix, shard_ids, reads))
+    shard_files: dict[str, list[ParquetSlice]] = {shard_id: [] for shard_id in shard_ids}
+    for task in route_tasks:
+        for number in sorted({int(n) for _, _, _, shards in task.reads for n in np.unique(shards)}):
+            shard_files[shard_ids[number]].append(ParquetSlice(routed_vectors_key(staging_prefix, shard_ids[number],
+                                                                                  task.number)))
+    return VectorReads("routed", shard_files, route_tasks, len(needed_groups), rows_read)
+
+
+def routed_vectors_key(staging_prefix: str, shard_id: str, route_task: int) -> str:
+    return f"{staging_prefix}vectors/{shard_id}/route-{route_task:05d}.parquet"
+
+
+def run_route_task(task: RouteTask) -> dict:
+    """Spark task body: read this task's embeddings row groups once and write each wanted row to the
+    routed file of its shard(s)."""
+    import pyarrow.parquet as pq
+
+    storage = open_storage(task.warehouse, task.s3)
+    scratch = tempfile.mkdtemp(prefix=f"route-{task.number}-", dir=_task_scratch_dir())
+    writers: dict[int, Any] = {}
+    buffered: dict[int, list[pa.Table]] = {}
+    routed = 0
+
+    def flush(shard: int) -> None:
+        tables = buffered.pop(shard, [])
+        if not tables:
+            return
+        if shard not in writers:
+            writers[shard] = pq.ParquetWriter(os.path.join(scratch, f"{shard}.parquet"), ROUTED_SCHEMA,
+                                              compression="lz4")
+        writers[shard].write_table(pa.concat_tables(tables))
+
+    try:
+        by_key: dict[str, dict[int, tuple[np.ndarray, np.ndarray]]] = {}
+        for key, group, rows, shards in task.reads:
+            by_key.setdefault(key, {})[group] = (rows, shards)
+        for key, groups in by_key.items():
+            for group, table in read_vector_row_groups(storage, ParquetSlice(key, sorted(groups))):
+                rows, shards = groups[group]
+                table = table.take(pa.array(rows))
+                table = pa.table({"sha256": table.column("sha256").cast(pa.string()),
+                                  "vector": table.column("vector").cast(pa.list_(pa.float32()))}, schema=ROUTED_SCHEMA)
+                routed += table.num_rows
+                for shard in np.unique(shards).tolist():
+                    buffered.setdefault(shard, []).append(table.filter(pa.array(shards == shard)))
+                if sum(t.nbytes for tables in buffered.values() for t in tables) >= ROUTE_FLUSH_BYTES:
+                    for shard in list(buffered):  # bounded memory however many shards there are
+                        flush(shard)
+        for shard in list(buffered):
+            flush(shard)
+        for shard, writer in writers.items():
+            writer.close()
+            storage.upload_file(os.path.join(scratch, f"{shard}.parquet"),
+                                routed_vectors_key(task.staging_prefix, task.shard_ids[shard], task.number))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return {"route_task": task.number, "rows": routed}
 
 
 # ------------------------------------------------------------------------------------------
@@ -739,16 +945,24 @@ def read_dedup_members(storage: Storage, run_id: str) -> pa.Table:
     if missing:
         raise IndexBuildError(f"{storage.uri_for(key)} lacks column(s) {', '.join(missing)} "
                               f"(found: {', '.join(table.column_names)}); see schemas/tables.py DEDUP_IMAGES")
-    table = table.select(needed).rename_columns(["product_id", "category", "image_url", "title", "sha256"])
-    # One row per (category, image, product): a product with two copies of one picture is one hit.
-    frame = table.to_pandas().sort_values(["category", "sha256", "product_id", "image_url"])
-    frame = frame.drop_duplicates(["category", "sha256", "product_id"])
     # Images the validate stage quarantined (as images or as embeddings) are accounted for
-    # there; they are not indexed and must not count as missing vectors here.
+    # there; they are not indexed and must not count as missing vectors here. A cluster whose
+    # canonical image was rejected is represented by its best valid member, as the embed stage
+    # chose it (pipelines.dedup.with_valid_canonicals).
+    from pipelines.dedup import with_valid_canonicals
     from pipelines.validate import quarantined_sha256s
 
-    rejected = quarantined_sha256s(storage, run_id, "images") | quarantined_sha256s(storage, run_id, "embeddings")
-    frame = frame[~frame["sha256"].isin(rejected)]
+    frame = table.to_pandas()
+    rejected_images = quarantined_sha256s(storage, run_id, "images")
+    if {"sha256", "cluster_id", "width", "height", "fetched_at"} <= set(frame.columns):
+        frame = with_valid_canonicals(frame, rejected_images)
+    else:  # a hand-made table without the canonical rule's inputs
+        frame = frame[~frame["canonical_sha256"].isin(rejected_images)]
+    frame = frame[needed].rename(columns={"canonical_sha256": "sha256"})
+    frame = frame[~frame["sha256"].isin(quarantined_sha256s(storage, run_id, "embeddings"))]
+    # One row per (category, image, product): a product with two copies of one picture is one hit.
+    frame = frame.sort_values(["category", "sha256", "product_id", "image_url"])
+    frame = frame.drop_duplicates(["category", "sha256", "product_id"]).reset_index(drop=True)
     return pa.Table.from_pandas(frame, preserve_index=False)
 
 
@@ -820,6 +1034,7 @@ def build_index(settings: Settings, run_id: str | None = None, *, model: Any = N
 
     staging = _staging_prefix(prefix)
     tasks: list[ShardTask | CopyTask] = []
+    shard_shas: dict[str, pa.Array] = {}
     for plan in plans:
         rows = members.filter(pc.is_in(members.column("category"), value_set=pa.array(plan.categories)))
         if plan.parts > 1:
@@ -828,8 +1043,15 @@ def build_index(settings: Settings, run_id: str | None = None, *, model: Any = N
             rows = rows.filter(pc.is_in(rows.column("sha256"), value_set=pa.array(mine.tolist(), type=pa.string())))
         members_key = f"{staging}members-{plan.shard_id}.parquet"
         storage.write_table(members_key, rows)
+        shard_shas[plan.shard_id] = pc.unique(rows.column("sha256"))
         tasks.append(ShardTask(settings.warehouse, settings.s3, prefix, plan.shard_id, plan.categories,
-                               members_key, emb_prefix, cfg, threads=1))
+                               members_key, [], cfg, threads=1))
+    reads = None
+    if plans:
+        reads = plan_vector_reads(*locate_vectors(storage, emb_prefix), shard_shas, staging, settings.warehouse,
+                                  settings.s3)
+        for task in tasks:
+            task.vector_files = reads.shard_files[task.shard_id]
     previous_prefix = snapshot_prefix(cfg.name, previous_id) if previous_id else ""
     tasks.extend(CopyTask(settings.warehouse, settings.s3, prefix, previous_prefix, shard) for shard in reused)
     for path, data in model_files.items():
@@ -841,6 +1063,9 @@ def build_index(settings: Settings, run_id: str | None = None, *, model: Any = N
         if isinstance(task, ShardTask):
             task.threads = threads
     try:
+        if reads is not None and reads.route_tasks:
+            run_tasks_for_index(reads.route_tasks, runner, session, f"route vectors to {len(plans)} shards",
+                                fn=run_route_task)
         results = run_tasks_for_index(tasks, runner, session, f"build {len(plans)} index shards"
                                       + (f", reuse {len(reused)}" if reused else ""))
     finally:
@@ -872,6 +1097,7 @@ def build_index(settings: Settings, run_id: str | None = None, *, model: Any = N
         "settings": cfg.model_dump(),
         "backfill": {"categories": sorted(categories), "base_snapshot": previous_id} if categories else None,
         "missing_embeddings": len(missing),
+        "vector_reads": reads.describe() if reads is not None else None,
         "shards": shards,
         "build_seconds": round(time.perf_counter() - started, 2),
     }
@@ -913,10 +1139,10 @@ def _threads_per_task(spark, build_tasks: int) -> int:
     return max(1, spark.sparkContext.defaultParallelism // max(1, build_tasks))
 
 
-def run_tasks_for_index(tasks: list, runner: str, spark, description: str) -> list[dict]:
+def run_tasks_for_index(tasks: list, runner: str, spark, description: str, fn=None) -> list[dict]:
     from pipelines.spark import run_tasks
 
-    return run_tasks(run_shard_task, tasks, runner=runner, spark=spark, description=description)
+    return run_tasks(fn or run_shard_task, tasks, runner=runner, spark=spark, description=description)
 
 
 def _quarantine_missing(storage: Storage, run_id: str, members: pa.Table, missing: list[str]) -> None:

@@ -15,7 +15,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Iterator
 from urllib.parse import unquote, urlparse
 
 import pyarrow as pa
@@ -84,6 +84,11 @@ class Storage:
 
     def read_parquet_file(self, key: str, columns: list[str] | None = None) -> pa.Table:
         return pq.read_table(pa.BufferReader(self.read_bytes(key)), columns=columns)
+
+    def open_input(self, key: str) -> BinaryIO:
+        """A seekable read-only file over one object, for readers that need only some byte ranges
+        (`pq.ParquetFile(storage.open_input(key))` fetches the footer and the column chunks it reads)."""
+        return io.BytesIO(self.read_bytes(key))
 
 
 def _current_umask() -> int:
@@ -165,7 +170,24 @@ class LocalStorage(Storage):
         return super().delete_prefix(prefix)
 
     def upload_file(self, local_path, key: str) -> None:
-        self.write_bytes(key, Path(local_path).read_bytes())
+        # Streamed, not read into memory: shard files are GBs. Same write-then-rename as write_bytes.
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as fh, open(local_path, "rb") as source:
+                shutil.copyfileobj(source, fh, 16 << 20)
+                os.fchmod(fh.fileno(), _FILE_MODE)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def open_input(self, key: str) -> BinaryIO:
+        try:
+            return open(self._path(key), "rb")
+        except FileNotFoundError as exc:
+            raise StorageError(f"{self.uri_for(key)} does not exist") from exc
 
     def download_file(self, key: str, local_path) -> None:
         Path(local_path).parent.mkdir(parents=True, exist_ok=True)
@@ -272,6 +294,43 @@ class S3Storage(Storage):
         Path(local_path).parent.mkdir(parents=True, exist_ok=True)
         with self._errors("download", key):
             self.client.download_file(self.bucket, self._key(key), str(local_path), Config=self._transfer_config)
+
+    def open_input(self, key: str) -> BinaryIO:
+        with self._errors("read", key):
+            size = self.client.head_object(Bucket=self.bucket, Key=self._key(key))["ContentLength"]
+        return _S3RangeReader(self, key, size)  # unbuffered: a Parquet reader asks for whole column chunks
+
+
+class _S3RangeReader(io.RawIOBase):
+    """An S3 object as a seekable file: every read is one ranged GET of the bytes asked for."""
+
+    def __init__(self, storage: S3Storage, key: str, size: int):
+        self.storage, self.key, self.size, self.position = storage, key, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.size}[whence]
+        self.position = max(0, base + offset)
+        return self.position
+
+    def readinto(self, buffer) -> int:
+        end = min(self.size, self.position + len(buffer))
+        if end <= self.position:
+            return 0
+        with self.storage._errors("read", self.key):
+            data = self.storage.client.get_object(Bucket=self.storage.bucket, Key=self.storage._key(self.key),
+                                                  Range=f"bytes={self.position}-{end - 1}")["Body"].read()
+        buffer[:len(data)] = data
+        self.position += len(data)
+        return len(data)
 
 
 class _S3ErrorContext:

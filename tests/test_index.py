@@ -1,17 +1,22 @@
-"""Index build: shard planning, index type choice, recall check, Spark build, category backfill."""
+"""Index build: shard planning, index type choice, recall check, Spark build, category backfill, what each task reads."""
 from __future__ import annotations
 
 import json
+from datetime import datetime, timezone
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import pipelines.index as index_module
 from pipelines.config import load_settings
 from pipelines.index import (ArrayVectors, FileVectors, IndexBuildError, IndexCheckFailed, IndexSettings,
-                             build_index, build_shard, choose_index_type, plan_shards, snapshot_prefix)
+                             build_index, build_shard, choose_index_type, dedup_images_key, embeddings_prefix,
+                             plan_shards, snapshot_prefix)
 from pipelines.publish import PublishError, publish_snapshot, read_manifest
 from pipelines.storage import open_storage
+from schemas.tables import EMBEDDINGS
 from synthetic_catalog import MODEL, clustered_vectors, write_catalog
 
 CATEGORIES = {"food": 900, "tools": 500, "office": 300, "toys": 200}
@@ -165,3 +170,79 @@ def test_category_backfill_reuses_other_shards_byte_for_byte(warehouse):
     assert manifest["previous_snapshot"] == first.snapshot_id
     assert sorted(c for s in manifest["shards"] for c in s["categories"]) == sorted(
         c for s in first.shards for c in s["categories"])
+
+
+# -- what each task reads ----------------------------------------------------------------------
+
+@pytest.fixture
+def vector_reads(monkeypatch):
+    """Every (file, row group, images) whose vectors the build reads, in order."""
+    reads = []
+    original = index_module.read_vector_row_groups
+
+    def recording(storage, piece):
+        for group, table in original(storage, piece):
+            reads.append((piece.key, group, table.column("sha256").to_pylist()))
+            yield group, table
+
+    monkeypatch.setattr(index_module, "read_vector_row_groups", recording)
+    return reads
+
+
+def _idmap_shas(storage, snapshot_id, shard):
+    path = snapshot_prefix("catalog", snapshot_id) + shard["files"]["idmap"]["path"]
+    return set(pq.read_table(storage.uri_for(path)[7:], columns=["sha256"]).column("sha256").to_pylist())
+
+
+def test_each_shard_task_reads_only_its_own_vectors(warehouse, vector_reads):
+    settings, storage = warehouse
+    # Embed tasks write vectors in sha256 order: every part holds images of every category.
+    write_catalog(storage, "r1", CATEGORIES, embed_part_rows=250)
+    result = build_index(settings, "r1", model=MODEL, cfg=SMALL, runner="local")
+    assert len(result.shards) == 4
+    cache = [read for read in vector_reads if read[0].startswith(embeddings_prefix(MODEL["version"]))]
+    parts = storage.list(embeddings_prefix(MODEL["version"]))
+    assert sorted((key, group) for key, group, _ in cache) == [(key, 0) for key in parts]  # each row group once
+    for shard in result.shards:
+        own = [sha for key, _, shas in vector_reads if f"/vectors/{shard['shard_id']}/" in key for sha in shas]
+        assert sorted(own) == sorted(_idmap_shas(storage, result.snapshot_id, shard))  # its vectors, nothing else
+    assert result.report["vector_reads"]["mode"] == "routed"
+
+
+def test_category_backfill_reads_only_the_rebuilt_categories_vectors(warehouse, tmp_path, vector_reads):
+    settings, storage = warehouse
+    first_vectors = write_catalog(storage, "r1", CATEGORIES)
+    build_index(settings, "r1", model=MODEL, cfg=SMALL, runner="local")
+    publish_snapshot(storage, "catalog")
+    # Night 2 re-crawled "toys" only: the embed stage embedded its new images into a part of their
+    # own; the parts holding every other category's vectors are untouched.
+    night2 = open_storage((tmp_path / "night2").as_uri())
+    vectors = write_catalog(night2, "r2", CATEGORIES, changed={"toys": "night 2"})
+    storage.write_bytes(dedup_images_key("r2"), night2.read_bytes(dedup_images_key("r2")))
+    new = {sha: vector for sha, vector in vectors.items() if sha not in first_vectors}
+    now = datetime(2026, 11, 24, 3, 0, tzinfo=timezone.utc)
+    new_part = f"{embeddings_prefix(MODEL['version'])}part-r2-0.parquet"
+    storage.write_table(new_part, pa.Table.from_pylist(
+        [{"sha256": sha, "vector": vector.tolist(), "model_version": MODEL["version"], "run_id": "r2",
+          "embedded_at": now} for sha, vector in new.items()], schema=EMBEDDINGS))
+    vector_reads.clear()
+
+    second = build_index(settings, "r2", model=MODEL, cfg=SMALL, runner="local", categories=["toys"])
+    rebuilt = [s for s in second.shards if not s.get("reused_from")]
+    assert [s["categories"] for s in rebuilt] == [["toys"]] and rebuilt[0]["vectors"] == len(new)
+    assert {key for key, _, _ in vector_reads} == {new_part}   # no other part's vectors were read
+    assert sorted(sha for _, _, shas in vector_reads for sha in shas) == sorted(new)
+    assert second.report["vector_reads"]["mode"] == "direct"
+
+
+def test_build_on_s3_reads_vectors_by_byte_range(s3_bucket):
+    bucket, s3 = s3_bucket
+    uri = f"s3://{bucket}/warehouse"
+    settings, storage = load_settings(warehouse=uri, s3=s3.model_dump()), open_storage(uri, s3)
+    vectors = write_catalog(storage, "r1", {"food": 600, "tools": 400}, embed_part_rows=200)
+    result = build_index(settings, "r1", model=MODEL, cfg=SMALL, runner="local")
+    assert result.status == "passed" and result.vectors == len(vectors) and len(result.shards) == 2
+    assert result.report["vector_reads"] == {"mode": "routed", "route_tasks": 1,
+                                             "embeddings_row_groups_read": -(-len(vectors) // 200),
+                                             "embeddings_rows_read": len(vectors)}
+    assert not storage.list(snapshot_prefix("catalog", result.snapshot_id) + "_staging/")
