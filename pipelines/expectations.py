@@ -25,6 +25,7 @@ import functools
 import json
 import logging
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -111,6 +112,33 @@ def resolve_parameters(value: Any, parameters: dict[str, Any], where: str = "") 
     return value
 
 
+# Expectations about the frame's whole column list: a suite with one of them is validated on
+# every column of the frame, not only on those it names.
+_WHOLE_FRAME_TYPES = {"expect_table_column_count_to_be_between", "expect_table_column_count_to_equal",
+                      "expect_table_columns_to_match_ordered_list"}
+
+
+def columns_read(suite: dict[str, Any]) -> list[str] | None:
+    """Every column the suite's expectations name, in suite order; None when the suite needs
+    the frame's whole column list (an exact column-set match, a column count, an ordered
+    column list, a row condition, a column list given as a parameter)."""
+    names: list[str] = []
+    for config in suite["expectations"]:
+        kwargs = config.get("kwargs", {})
+        if (config["type"] in _WHOLE_FRAME_TYPES or "row_condition" in kwargs
+                or (config["type"] == "expect_table_columns_to_match_set" and kwargs.get("exact_match", True))):
+            return None
+        for key in ("column", "column_A", "column_B"):
+            if key in kwargs:
+                names.append(kwargs[key])
+        for key in ("column_list", "column_set"):
+            if key in kwargs:
+                if not isinstance(kwargs[key], list):
+                    return None
+                names.extend(kwargs[key])
+    return list(dict.fromkeys(names))
+
+
 def severity_of(config: dict[str, Any]) -> str:
     return str(config.get("severity", CRITICAL)).lower()
 
@@ -128,6 +156,81 @@ def _import_gx():
     # its results carry the same information.
     logging.getLogger("great_expectations").setLevel(logging.ERROR)
     import great_expectations  # noqa: F401  (first import takes seconds: do it once, here)
+
+    _skip_unrequested_failing_values()
+    _stable_metric_bundles()
+
+
+@functools.cache
+def _stable_metric_bundles() -> bool:
+    """Make GX's bundled Spark aggregate the same query every time a suite runs.
+
+    GX computes a dependency level's aggregate metrics in one `df.agg(...)`, in the order of
+    a collection of metric configurations that changes from run to run. Spark compiles
+    (Janino) and the JVM then JIT-compiles a new class for every aggregate order it has not
+    seen: most of a validation's JVM time in a long-lived process (a nightly pipeline, the
+    bench). Sorted by metric id, the aggregate reads the same every run and Spark reuses its
+    compiled code. Results are keyed by metric id, so the order changes nothing else.
+    """
+    try:
+        from great_expectations.execution_engine.sparkdf_execution_engine import SparkDFExecutionEngine
+        original = SparkDFExecutionEngine.__dict__["resolve_metric_bundle"]
+    except (ImportError, KeyError):
+        return False
+    if getattr(original, "_catalog_index_patched", False):
+        return True
+
+    def resolve_metric_bundle(self, metric_fn_bundle, *args, **kwargs):
+        ordered = sorted(metric_fn_bundle, key=lambda c: str(c.metric_configuration.id))
+        return original(self, ordered, *args, **kwargs)
+
+    functools.update_wrapper(resolve_metric_bundle, original)
+    resolve_metric_bundle._catalog_index_patched = True
+    SparkDFExecutionEngine.resolve_metric_bundle = resolve_metric_bundle
+    return True
+
+
+_PARTIAL_VALUES_SUFFIX = ".unexpected_values"
+
+
+@functools.cache
+def _skip_unrequested_failing_values() -> bool:
+    """Stop GX from querying failing values nobody asked for.
+
+    A map expectation (every row-level one) with result format BASIC or SUMMARY asks for the
+    metric `<condition>.unexpected_values` even when `partial_unexpected_count` is 0. On Spark
+    that metric is its own query per expectation (filter, select, `limit(0)`, collect): about
+    half of a suite's time, for a list GX then cuts to zero items. This drops that dependency
+    when the count is 0, and only then; counts, observed values and success are unchanged
+    (the result has no `partial_unexpected_list` key instead of an empty one). Applied once,
+    to GX's three map-expectation base classes; if GX renames them, nothing is patched and
+    validation is only slower (`tests/test_validate.py` checks the patch is in place).
+    """
+    try:
+        from great_expectations.expectations import expectation as gx_expectation
+
+        bases = [gx_expectation.ColumnMapExpectation, gx_expectation.ColumnPairMapExpectation,
+                 gx_expectation.MulticolumnMapExpectation]
+        originals = [base.__dict__["get_validation_dependencies"] for base in bases]
+    except (ImportError, AttributeError, KeyError):
+        return False
+    for base, original in zip(bases, originals):
+        if getattr(original, "_catalog_index_patched", False):
+            continue
+
+        def get_validation_dependencies(self, execution_engine=None, runtime_configuration=None, *args,
+                                        _original=original, **kwargs):
+            dependencies = _original(self, execution_engine, runtime_configuration, *args, **kwargs)
+            if (dependencies.result_format or {}).get("partial_unexpected_count") == 0:
+                for name in dependencies.get_metric_names():
+                    if name.endswith(_PARTIAL_VALUES_SUFFIX):
+                        dependencies.remove_metric_configuration(name)
+            return dependencies
+
+        functools.update_wrapper(get_validation_dependencies, original)
+        get_validation_dependencies._catalog_index_patched = True
+        base.get_validation_dependencies = get_validation_dependencies
+    return True
 
 
 def _jinja_bytecode_cache():
@@ -207,41 +310,68 @@ class ExpectationOutcome:
                 "exception": self.exception}
 
 
-def run_suite(df, suite: dict[str, Any], parameters: dict[str, Any], *, run_name: str, docs_dir: Path | None,
-              asset_name: str | None = None, result_format: str = "SUMMARY",
-              sample_failing_values: int = 0) -> list[ExpectationOutcome]:
-    """Validate Spark DataFrame `df` against `suite` with GX; build Data Docs into `docs_dir`.
-
-    Runs a Checkpoint (ValidationDefinition over a whole-dataframe batch of a Spark
-    datasource) in an ephemeral context; the results come back in suite order.
-    `sample_failing_values` > 0 adds that many failing values per expectation to the
-    results, at the price of one more Spark job per row-level expectation.
-    """
-    _import_gx()
+def _ephemeral_context(docs_dir: Path | None):
+    """A fresh in-memory GX context (with a Data Docs site writing into `docs_dir`): nothing
+    from another validation can leak in (GX caches metrics per batch id, and a dataframe
+    asset's batch id does not change with the dataframe). Creating one takes ~10 ms."""
     import great_expectations as gx
-    from great_expectations.checkpoint import UpdateDataDocsAction
-    from great_expectations.core.run_identifier import RunIdentifier
     from great_expectations.data_context.types.base import (DataContextConfig, InMemoryStoreBackendDefaults,
                                                             ProgressBarsConfig)
 
     sites = {_DOCS_SITE: _docs_site_config(docs_dir)} if docs_dir is not None else {}
-    context = gx.get_context(mode="ephemeral", project_config=DataContextConfig(
+    return gx.get_context(mode="ephemeral", project_config=DataContextConfig(
         store_backend_defaults=InMemoryStoreBackendDefaults(init_temp_docs_sites=False), data_docs_sites=sites,
         progress_bars=ProgressBarsConfig(globally=False), analytics_enabled=False))
-    actions = [UpdateDataDocsAction(name="data_docs", site_names=[_DOCS_SITE])] if sites else []
+
+
+def run_suite(df, suite: dict[str, Any], parameters: dict[str, Any], *, run_name: str, docs_dir: Path | None,
+              asset_name: str | None = None, result_format: str = "BASIC",
+              sample_failing_values: int = 0, timings: dict[str, float] | None = None) -> list[ExpectationOutcome]:
+    """Validate Spark DataFrame `df` against `suite` with GX; build Data Docs into `docs_dir`.
+
+    The suite runs on a whole-dataframe batch of GX's Spark datasource (`Batch.validate`, in
+    an ephemeral context); GX computes its metrics in Spark, bundling the aggregate ones into
+    one query per dependency level. The result is stored in the context's validation results
+    store and the Data Docs site is built for this result and its suite only (what a
+    Checkpoint's UpdateDataDocsAction does, without the Checkpoint's bookkeeping: freshness
+    checks and config serialisation cost more than the validation of a small table). Results
+    come back in suite order. `sample_failing_values` > 0 adds that many failing values per
+    expectation to the results, at the price of one more Spark query per row-level expectation.
+    `timings`, when given, receives the seconds spent validating and building Data Docs.
+    """
+    started = time.perf_counter()
+    _import_gx()
+    import great_expectations as gx
+    from great_expectations.core.run_identifier import RunIdentifier
+    from great_expectations.data_context.types.resource_identifiers import (ExpectationSuiteIdentifier,
+                                                                            ValidationResultIdentifier)
+
+    context = _ephemeral_context(docs_dir)
     # persist=False: the caller caches the frame and unpersists it when done.
-    datasource = context.data_sources.add_spark("warehouse", persist=False)
-    batch_definition = datasource.add_dataframe_asset(asset_name or suite["name"]).add_batch_definition_whole_dataframe(
-        "whole_table")
-    gx_suite = context.suites.add(gx.ExpectationSuite(**_gx_suite_kwargs(suite)))
-    definition = context.validation_definitions.add(
-        gx.ValidationDefinition(name=suite["name"], data=batch_definition, suite=gx_suite))
-    checkpoint = context.checkpoints.add(gx.Checkpoint(
-        name=f"{suite['name']}_checkpoint", validation_definitions=[definition], actions=actions,
-        result_format={"result_format": result_format, "partial_unexpected_count": sample_failing_values}))
-    result = checkpoint.run(batch_parameters={"dataframe": df}, expectation_parameters=parameters,
-                            run_id=RunIdentifier(run_name=run_name))
-    (validation,) = result.run_results.values()
+    batch_definition = (context.data_sources.add_spark("warehouse", persist=False)
+                        .add_dataframe_asset(asset_name or suite["name"])
+                        .add_batch_definition_whole_dataframe("whole_table"))
+    gx_suite = gx.ExpectationSuite(**_gx_suite_kwargs(suite))
+    if docs_dir is not None:
+        gx_suite = context.suites.add(gx_suite)  # the Data Docs site renders the suite's page too
+    batch = batch_definition.get_batch(batch_parameters={"dataframe": df})
+    validation = batch.validate(gx_suite, expectation_parameters=parameters,
+                                result_format={"result_format": result_format,
+                                               "partial_unexpected_count": sample_failing_values})
+    run_id = RunIdentifier(run_name=run_name)
+    # What ValidationDefinition.run records; Data Docs show it.
+    validation.meta.update({"run_id": run_id, "validation_time": run_id.run_time,
+                            "batch_parameters": {"dataframe": "<DATAFRAME>"}})
+    validated = time.perf_counter()
+    if docs_dir is not None:
+        suite_id = ExpectationSuiteIdentifier(name=gx_suite.name)
+        result_id = ValidationResultIdentifier(expectation_suite_identifier=suite_id, run_id=run_id,
+                                               batch_identifier=validation.batch_id)
+        context.validation_results_store.set(result_id, validation)
+        context.build_data_docs(site_names=[_DOCS_SITE], resource_identifiers=[result_id, suite_id])
+    if timings is not None:
+        timings["expectations"] = round(validated - started, 3)
+        timings["data_docs"] = round(time.perf_counter() - validated, 3)
     by_name = {}
     for item in validation.results:
         config = item.expectation_config
@@ -284,11 +414,31 @@ def _finite_or_none(value: Any) -> Any:
 
 @dataclass
 class RowCheck:
-    """A row-level expectation as Spark columns: `unexpected` is true on a failing row."""
+    """A row-level expectation as a Spark condition: `unexpected` is true on a failing row."""
 
     name: str
-    unexpected: Any     # pyspark Column (boolean)
-    detail: Any         # pyspark Column (string)
+    unexpected: Any             # pyspark Column (boolean; null counts as passing)
+    columns: list[str]          # the columns it checks, shown in the quarantine detail
+    expected: str               # what a passing value looks like, e.g. "expected >= 32"
+    fails_on_null: bool = False  # not_null: a failing row's value is null, nothing to fetch
+
+    def detail(self, values: dict[str, Any]) -> str:
+        shown = " ".join(f"{c}={'null' if self.fails_on_null else _show(values.get(c))}" for c in self.columns)
+        return f"{self.name}: {shown} ({self.expected})"
+
+
+def _show(value: Any) -> str:
+    """A value as Spark casts it to a string (the quarantine detail read the same before)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "NaN"
+        if math.isinf(value):
+            return "Infinity" if value > 0 else "-Infinity"
+    return str(value)
 
 
 def _describe_bounds(kwargs: dict[str, Any]) -> str:
@@ -373,7 +523,6 @@ def _unique(kwargs, columns, keep_first_by: str | None = None):
 
     names = [kwargs["column"]] if "column" in kwargs else list(kwargs["column_list"])
     window = Window.partitionBy(*names)
-    copies = F.count(F.lit(1)).over(window)
     ignore_row_if = kwargs.get("ignore_row_if", "all_values_are_missing")
     if "column" in kwargs:
         considered = F.col(names[0]).isNotNull()   # GX skips nulls in single-column uniqueness
@@ -383,12 +532,12 @@ def _unique(kwargs, columns, keep_first_by: str | None = None):
         considered = ~_any_null(names)
     else:
         considered = F.lit(True)
-    unexpected = considered & (copies > 1)
     label = names[0] if len(names) == 1 else f"({', '.join(names)})"
     if keep_first_by and keep_first_by in columns:
         # The first copy passes: the catalog keeps one row per (product, image), like the crawl.
         unexpected = considered & (F.row_number().over(window.orderBy(F.col(keep_first_by))) > 1)
         return unexpected, f"repeats an earlier row with the same {label} (first copy kept)"
+    unexpected = considered & (F.count(F.lit(1)).over(window) > 1)
     return unexpected, f"{label} is not unique (every copy rejected)"
 
 
@@ -435,8 +584,6 @@ def row_checks(suite: dict[str, Any], parameters: dict[str, Any], columns: list[
     An expectation whose column is missing from the frame is skipped here: GX fails it
     (and the table-columns expectation), which stops the run at the batch level.
     """
-    from pyspark.sql import functions as F
-
     checks = []
     for config in suite["expectations"]:
         if not is_row_level(config) or severity_of(config) != CRITICAL:
@@ -450,9 +597,7 @@ def row_checks(suite: dict[str, Any], parameters: dict[str, Any], columns: list[
             unexpected, expected = builder(kwargs, columns, (config.get("meta") or {}).get("keep_first_by"))
         else:
             unexpected, expected = builder(kwargs, columns)
-        shown = [F.concat(F.lit(f"{c}="), F.coalesce(F.col(c).cast("string"), F.lit("null"))) for c in _columns_of(kwargs)]
-        detail = F.concat_ws(" ", F.lit(f"{name}:"), *shown, F.lit(f"({expected})"))
-        checks.append(RowCheck(name, F.coalesce(unexpected, F.lit(False)), detail))
+        checks.append(RowCheck(name, unexpected, _columns_of(kwargs), expected, fails_on_null=builder is _not_null))
     return checks
 
 
@@ -469,35 +614,56 @@ class FailingRows:
         return self.rows.num_rows
 
 
+_FLAG = "__failed_{}"
+
+
+def no_failing_rows(checks: list[RowCheck], carry_columns: list[str], input_rows: int) -> FailingRows:
+    """The result of `find_failing_rows` when it is known that no row fails (no Spark query)."""
+    empty = pa.table({c: pa.array([], pa.string()) for c in carry_columns})
+    return FailingRows(_failing_table(carry_columns, empty, []), {c.name: 0 for c in checks}, input_rows)
+
+
 def find_failing_rows(df, checks: list[RowCheck], carry_columns: list[str],
                       input_rows: int | None = None) -> FailingRows:
-    """Evaluate every check in one pass over `df` (which the caller has cached); only the
-    failing rows come back to the driver, with the `carry_columns` that exist in `df`.
+    """Evaluate every check in one Spark query over `df`: one boolean column per check, and
+    only the rows with a true one come back to the driver, with the `carry_columns` that exist
+    in `df` and the values the checks looked at. The reason (first failed check) and the
+    detail (every failed check, with its values) are written here, for those rows only.
     `input_rows` saves a Spark job when the caller has counted the frame already."""
+    import functools
+    import operator
+
     from pyspark.sql import functions as F
 
     input_rows = df.count() if input_rows is None else input_rows
     carry = [c for c in carry_columns if c in df.columns]
     if not checks:
-        empty = pa.table({**{c: pa.array([], pa.string()) for c in carry}, "reason": pa.array([], pa.string()),
-                          "detail": pa.array([], pa.string()), "failed": pa.array([], pa.list_(pa.string()))})
-        return FailingRows(empty, {}, input_rows)
-    failures = F.filter(
-        F.array(*[F.when(c.unexpected, F.struct(F.lit(c.name).alias("name"), c.detail.alias("detail")))
-                  for c in checks]),
-        lambda item: item.isNotNull())
-    failing = (df.select(*carry, failures.alias("_failures"))
-               .where(F.size("_failures") > 0)
-               .select(*carry,
-                       F.col("_failures")[0]["name"].alias("reason"),
-                       F.array_join(F.transform("_failures", lambda item: item["detail"]), "; ").alias("detail"),
-                       F.transform("_failures", lambda item: item["name"]).alias("failed")))
-    rows = failing.toArrow()
-    per_expectation = {c.name: 0 for c in checks}
-    for names in rows.column("failed").to_pylist():
+        return no_failing_rows(checks, carry, input_rows)
+    shown = list(dict.fromkeys(c for check in checks if not check.fails_on_null for c in check.columns))
+    flags = [_FLAG.format(i) for i in range(len(checks))]
+    failing = (df.select(*dict.fromkeys(carry + shown), *[check.unexpected.alias(f) for check, f in zip(checks, flags)])
+               .where(functools.reduce(operator.or_, [F.col(f) for f in flags])))
+    table = failing.toArrow()
+    flag_values = [table.column(f).to_pylist() for f in flags]
+    failed = [[check.name for check, hit in zip(checks, hits) if hit] for hits in zip(*flag_values)]
+    values = table.select(shown).to_pylist() if shown else [{}] * len(failed)
+    by_name = {check.name: check for check in checks}
+    per_expectation = {check.name: 0 for check in checks}
+    details = []
+    for row, names in zip(values, failed):
         for name in names:
             per_expectation[name] += 1
-    return FailingRows(rows, per_expectation, input_rows)
+        details.append("; ".join(by_name[name].detail(row) for name in names))
+    return FailingRows(_failing_table(carry, table.select(carry), failed, details), per_expectation, input_rows)
+
+
+def _failing_table(carry: list[str], keys: pa.Table, failed: list[list[str]], details: list[str] | None = None
+                   ) -> pa.Table:
+    columns = {c: keys.column(c) for c in carry}
+    columns["reason"] = pa.array([names[0] for names in failed], pa.string())
+    columns["detail"] = pa.array(details or [], pa.string())
+    columns["failed"] = pa.array(failed, pa.list_(pa.string()))
+    return pa.table(columns)
 
 
 def docs_index(docs_dir: Path) -> Path:

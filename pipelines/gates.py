@@ -60,12 +60,24 @@ class ValidateSettings(BaseModel):
 
     # -- how validation runs ----------------------------------------------------------------------
     result_format: Literal["BOOLEAN_ONLY", "BASIC", "SUMMARY"] = Field(
-        "SUMMARY", description="GX result detail in reports and Data Docs (BOOLEAN_ONLY: pass/fail only, "
-                               "no counts or observed values).")
+        "BASIC", description="GX result detail in reports and Data Docs: BASIC has counts and observed values; "
+                             "SUMMARY adds, per row-level expectation, the query that selects its failing rows (one "
+                             "more Spark query plan each); BOOLEAN_ONLY has pass/fail only, no counts, so failing rows "
+                             "are always searched for.")
     sample_failing_values: int = Field(
         0, ge=0, le=200, description="Failing values GX lists per expectation in reports and Data Docs. Each "
                                      "costs a Spark job per row-level expectation, and every failing row is in "
                                      "the quarantine file anyway, with its values.")
+    cache_above_mb: float = Field(
+        64, ge=0, description="Cache the table being validated in Spark when its Parquet files are larger than this "
+                              "(MB) or not on local disk (s3://). Smaller local tables are read again by each of "
+                              "validation's few queries, which costs less than building Spark's columnar cache.")
+    adaptive_query_execution: bool = Field(
+        False, description="Spark adaptive query execution (spark.sql.adaptive.enabled) while a stage is validated; "
+                           "the session's own setting is restored afterwards. Off by default: validation's queries "
+                           "are global aggregates and window counts over a cached frame, which AQE cannot improve, "
+                           "and AQE runs each of them as two Spark jobs with re-planning in between (about half "
+                           "of validation's JVM time on the sample catalog).")
     arrow_fallback_for_s3: bool = Field(
         False, description="For s3:// warehouses, read tables with boto3 on the driver and hand them to Spark "
                            "as Arrow instead of reading s3a:// paths (tests, small warehouses; no hadoop-aws).")

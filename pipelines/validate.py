@@ -42,6 +42,8 @@ This module never edits the data it validates and never touches a published snap
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import shutil
 import tempfile
@@ -56,8 +58,9 @@ import pyarrow.compute as pc
 
 from pipelines import layout
 from pipelines.config import Settings
-from pipelines.expectations import (CRITICAL, ExpectationOutcome, FailingRows, expectation_name, find_failing_rows,
-                                    load_suite, row_checks, run_suite, upload_folder)
+from pipelines.expectations import (CRITICAL, ExpectationOutcome, FailingRows, columns_read, expectation_name,
+                                    find_failing_rows, load_suite, no_failing_rows, row_checks, run_suite,
+                                    upload_folder)
 from pipelines.gates import (GateFailed, GateResult, ValidateSettings, category_drop_gate, crawl_failure_gate,
                              decode_failure_gate, expectations_gate, quarantine_rate_gate)
 from pipelines.storage import LocalStorage, S3Storage, Storage, open_storage
@@ -142,6 +145,7 @@ class StageValidation:
     started_at: str
     elapsed_s: float
     extra: dict[str, Any] = field(default_factory=dict)
+    timings_s: dict[str, float] = field(default_factory=dict)   # seconds per step (failing rows, GX, Data Docs)
 
     @property
     def tripped(self) -> list[GateResult]:
@@ -170,10 +174,7 @@ def read_spark_table(spark, storage: Storage, key_or_prefix: str, schema: pa.Sch
     with boto3 on the driver and handed to Spark as Arrow (only for small tables).
     `schema` is used only when there are no files (an empty table of that schema).
     """
-    keys = [key_or_prefix] if key_or_prefix.endswith(".parquet") else [
-        k for k in storage.list(key_or_prefix) if k.endswith(".parquet")]
-    if key_or_prefix.endswith(".parquet") and not storage.exists(key_or_prefix):
-        keys = []
+    keys = _parquet_keys(storage, key_or_prefix)
     if not keys:
         if schema is None:
             raise ValidationInputError(f"no Parquet files at {storage.uri_for(key_or_prefix)}")
@@ -181,13 +182,79 @@ def read_spark_table(spark, storage: Storage, key_or_prefix: str, schema: pa.Sch
     # The schema is read from the files, not imposed: a missing column must show as missing
     # (the suites check for it), not as a column of nulls.
     if isinstance(storage, LocalStorage):
-        return spark.read.parquet(*[str(storage.root / k) for k in sorted(keys)])
+        paths = [str(storage.root / k) for k in sorted(keys)]
+        footer_schema = _spark_schema_from_footer(paths[0])
+        reader = spark.read if footer_schema is None else spark.read.schema(footer_schema)
+        return reader.parquet(*paths)
     if isinstance(storage, S3Storage):
         if allow_arrow_fallback:
             return spark.createDataFrame(storage.read_table(key_or_prefix))
         base = f"s3a://{storage.bucket}/" + (f"{storage.prefix}/" if storage.prefix else "")
         return spark.read.parquet(*[base + k for k in sorted(keys)])
     raise ValidationInputError(f"cannot read {storage.uri_for(key_or_prefix)} with Spark: unknown storage type")
+
+
+def _parquet_keys(storage: Storage, key_or_prefix: str) -> list[str]:
+    """The Parquet files of a table: one `.parquet` key (if it exists) or those under a prefix, sorted."""
+    if key_or_prefix.endswith(".parquet"):
+        return [key_or_prefix] if storage.exists(key_or_prefix) else []
+    return sorted(k for k in storage.list(key_or_prefix) if k.endswith(".parquet"))
+
+
+def _rows_per_value(storage: Storage, key_or_prefix: str, column: str,
+                    where: tuple[str, tuple[str, ...]] | None = None) -> dict[Any, int]:
+    """Rows per value of `column` in a Parquet table, counted with pyarrow from that column's
+    chunks alone (dictionary-encoded: a few bytes a row, whatever the table's width), instead
+    of a Spark group-by query (0.2-0.4 s, most of it fixed cost). `where` = (column, values):
+    count only rows whose `column` is one of `values`. Validation checks the total against
+    GX's row count of the Spark frame (`_cross_check`)."""
+    import pyarrow.parquet as pq
+
+    columns = [column] + ([where[0]] if where else [])
+    counts: dict[Any, int] = {}
+    for key in _parquet_keys(storage, key_or_prefix):
+        with storage.open_input(key) as source:
+            table = pq.ParquetFile(source, read_dictionary=columns).read(columns=columns)
+        if table.num_rows == 0:
+            continue
+        grouped = table.unify_dictionaries().group_by(columns).aggregate([([], "count_all")])
+        for row in grouped.to_pylist():
+            if where is None or row[where[0]] in where[1]:
+                counts[row[column]] = counts.get(row[column], 0) + row["count_all"]
+    return counts
+
+
+def _spark_schema_from_footer(path: str):
+    """The schema Spark would infer for a local Parquet file, from its footer (pyarrow), or None.
+
+    Without `mergeSchema`, Spark infers a Parquet table's schema from one file's footer, and
+    runs a Spark job to read it (~0.1-0.3 s of JVM time, per table, per validation). Reading
+    the footer here skips that job. Only for types that convert one to one (strings, numbers,
+    booleans, binary, dates, UTC timestamps, lists and structs of those); anything else, e.g.
+    a timestamp without time zone, is left to Spark's own inference.
+    """
+    import pyarrow.parquet as pq
+    import pyarrow.types as pat
+    from pyspark.sql.pandas.types import from_arrow_schema
+
+    def plain(t) -> bool:
+        if pat.is_list(t) or pat.is_large_list(t):
+            return plain(t.value_type)
+        if pat.is_struct(t):
+            return all(plain(f.type) for f in t)
+        if pat.is_timestamp(t):
+            return t.tz is not None and t.tz.upper() in ("UTC", "+00:00", "Z", "ETC/UTC")
+        return (pat.is_string(t) or pat.is_large_string(t) or pat.is_boolean(t) or pat.is_binary(t)
+                or pat.is_large_binary(t) or pat.is_date32(t) or pat.is_floating(t)
+                or (pat.is_integer(t) and pat.is_signed_integer(t)))
+
+    try:
+        schema = pq.read_schema(path)
+        if not all(plain(f.type) for f in schema):
+            return None
+        return from_arrow_schema(schema)
+    except Exception:  # an unreadable footer: let Spark say what is wrong with the file
+        return None
 
 
 # ---------------------------------------------------------------------------------------
@@ -252,16 +319,67 @@ def exclude_quarantined(df, storage: Storage, run_id: str, stage: str, spark):
 # the shared run: GX + failing rows + report
 # ---------------------------------------------------------------------------------------
 
+_AQE = "spark.sql.adaptive.enabled"
+_SHUFFLE_PARTITIONS = "spark.sql.shuffle.partitions"
+
+
+@contextlib.contextmanager
+def _query_settings(spark, validation: ValidateSettings):
+    """Spark SQL settings for validation's queries, restored when the stage is done (the
+    session belongs to the pipeline). Without adaptive execution
+    (`validation.adaptive_query_execution`, off by default) nothing coalesces shuffle
+    partitions, so the few shuffles validation has (group counts, uniqueness windows) use
+    the session's default parallelism (its cores) instead of spark.sql.shuffle.partitions."""
+    wanted = {_AQE: "true" if validation.adaptive_query_execution else "false"}
+    if not validation.adaptive_query_execution:
+        wanted[_SHUFFLE_PARTITIONS] = str(max(1, spark.sparkContext.defaultParallelism))
+    before = {key: spark.conf.get(key, None) for key in wanted}
+    for key, value in wanted.items():
+        spark.conf.set(key, value)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                spark.conf.unset(key)
+            else:
+                spark.conf.set(key, value)
+
+
+def _with_query_settings(validate_fn):
+    """Run a stage's validation under `_query_settings`."""
+    @functools.wraps(validate_fn)
+    def wrapper(settings: Settings, run_id: str, *, spark, validation: ValidateSettings | None = None, **kwargs):
+        with _query_settings(spark, _validation_settings(settings, validation)):
+            return validate_fn(settings, run_id, spark=spark, validation=validation, **kwargs)
+    return wrapper
+
+
+def _columns_to_validate(df, stage: str, *also: str | None):
+    """`df` with only the columns that validating `stage` reads (those its suite names, the
+    row key, the columns copied into quarantine records, `also`), so that the cached frame
+    holds nothing else; the whole frame when the suite looks at every column."""
+    wanted = columns_read(load_suite(stage))
+    if wanted is None:
+        return df
+    wanted = set(wanted) | set(ROW_KEYS[stage]) | set(_CARRIED) | {c for c in also if c}
+    return df.select(*[c for c in df.columns if c in wanted])
+
+
 @dataclass
 class _SuiteRun:
     outcomes: list[ExpectationOutcome]
     failing: FailingRows | None
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 def _run(spark, df, storage: Storage, run_id: str, stage: str, parameters: dict[str, Any],
          validation: ValidateSettings, quarantine_rows: bool, input_rows: int | None = None) -> _SuiteRun:
-    """GX on the (cached) frame, Data Docs into the warehouse, failing rows found in Spark."""
+    """GX on the frame, Data Docs into the warehouse, then the failing rows found in Spark:
+    one query for all critical row-level expectations, run only when GX counted failing rows
+    for one of them (on a good night there is nothing to look for)."""
     suite = load_suite(stage)
+    timings: dict[str, float] = {}
     prefix = docs_prefix(run_id, stage)
     storage.delete_prefix(prefix)  # a rerun replaces its own docs, and only those
     if isinstance(storage, LocalStorage):
@@ -272,7 +390,7 @@ def _run(spark, df, storage: Storage, run_id: str, stage: str, parameters: dict[
     try:
         outcomes = run_suite(df, suite, parameters, run_name=run_id, docs_dir=docs_dir,
                              asset_name=stage, result_format=validation.result_format,
-                             sample_failing_values=validation.sample_failing_values)
+                             sample_failing_values=validation.sample_failing_values, timings=timings)
         if staging is not None:
             upload_folder(staging, storage, prefix)
     finally:
@@ -280,8 +398,35 @@ def _run(spark, df, storage: Storage, run_id: str, stage: str, parameters: dict[
             shutil.rmtree(staging, ignore_errors=True)
     failing = None
     if quarantine_rows:
-        failing = find_failing_rows(df, row_checks(suite, parameters, df.columns), _CARRIED, input_rows)
-    return _SuiteRun(outcomes, failing)
+        started = time.perf_counter()
+        checks = row_checks(suite, parameters, df.columns)
+        if _gx_counted_failures(outcomes, {c.name for c in checks}):
+            failing = find_failing_rows(df, checks, _CARRIED, input_rows)
+        else:
+            failing = no_failing_rows(checks, [c for c in _CARRIED if c in df.columns],
+                                      df.count() if input_rows is None else input_rows)
+        timings["failing_rows"] = round(time.perf_counter() - started, 3)
+    return _SuiteRun(outcomes, failing, timings)
+
+
+def _gx_counted_failures(outcomes: list[ExpectationOutcome], names: set[str]) -> bool:
+    """Whether GX found (or may have found) a failing row for one of the expectations `names`:
+    true unless each of them has an unexpected_count of 0 (none without counts, e.g. with
+    result format BOOLEAN_ONLY, or after an exception)."""
+    counts = {o.name: o.result.get("unexpected_count") for o in outcomes if o.name in names}
+    return set(counts) != names or any(n != 0 for n in counts.values())
+
+
+def _cached_if_worth_it(df, storage: Storage, inputs: list[str], validation: ValidateSettings):
+    """(`df` or `df.cache()`, whether cached). Validation reads its frame 3 to 6 times (a
+    group count, GX's aggregates, the failing rows). A table on local disk no larger than
+    `validation.cache_above_mb` is re-read each time: that costs less than building Spark's
+    columnar cache (0.2-0.4 s for the sample catalog's 8,000 rows). Anything else is cached."""
+    if isinstance(storage, LocalStorage):
+        size = sum((storage.root / k).stat().st_size for key in inputs for k in _parquet_keys(storage, key))
+        if size <= validation.cache_above_mb * 2**20:
+            return df, False
+    return df.cache(), True
 
 
 def _quarantine_table(failing: FailingRows, run_id: str, stage: str) -> pa.Table:
@@ -370,7 +515,8 @@ def _new_result(storage: Storage, run_id: str, stage: str, parameters: dict[str,
         accounting=accounting, parameters=parameters, previous_successful_run=previous,
         quarantine_key=quarantine_key(run_id, stage) if failing is not None else None,
         report_key=report_key(run_id, stage), data_docs=f"{docs_prefix(run_id, stage)}index.html",
-        started_at=started_at, elapsed_s=round(time.monotonic() - started, 3), extra=extra or {})
+        started_at=started_at, elapsed_s=round(time.monotonic() - started, 3), extra=extra or {},
+        timings_s=dict(run.timings))
 
 
 def _value_counts(column: pa.ChunkedArray) -> dict[str, int]:
@@ -399,6 +545,7 @@ def _require_committed_crawl(storage: Storage, run_id: str) -> dict[str, Any]:
 # stages
 # ---------------------------------------------------------------------------------------
 
+@_with_query_settings
 def validate_manifest(settings: Settings, run_id: str, *, spark, validation: ValidateSettings | None = None,
                       force: bool = False) -> StageValidation:
     """The manifest as read for the run: required fields, uniqueness, URL form, known categories."""
@@ -415,21 +562,26 @@ def validate_manifest(settings: Settings, run_id: str, *, spark, validation: Val
                            allow_arrow_fallback=validation.arrow_fallback_for_s3)
     blank_is_null = {c: F.when(F.trim(F.col(c)) != "", F.trim(F.col(c)))
                      for c in ("product_id", "category", "image_url") if c in raw.columns}
-    df = raw.withColumns(blank_is_null).cache()
+    has_category = "category" in raw.columns
+    # Known categories: the previous successful run's; on a first run, this manifest's own
+    # (nothing to compare with). Read with pyarrow, like the crawl reads the manifest.
+    # Rows per category (blank read as null, as in the frame), counted from the Parquet column.
+    per_category = _manifest_categories(storage, layout.manifest_key(run_id)) if has_category else {}
+    if not has_category:
+        known = []
+    elif previous and storage.exists(layout.manifest_key(previous)):
+        known = sorted(c for c in _manifest_categories(storage, layout.manifest_key(previous)) if c is not None)
+    else:
+        known = sorted(c for c in per_category if c is not None)  # first run: nothing to compare with
+    parameters = {"known_categories": known}
+    df, cached = _cached_if_worth_it(_columns_to_validate(raw.withColumns(blank_is_null), "manifest"), storage,
+                                     [layout.manifest_key(run_id)], validation)
     try:
-        per_category = {r["category"]: r["count"] for r in df.groupBy("category").count().collect()} \
-            if "category" in df.columns else {}
-        if previous and storage.exists(layout.manifest_key(previous)):
-            known = pc.unique(pc.utf8_trim_whitespace(
-                storage.read_table(layout.manifest_key(previous), columns=["category"]).column("category"))).to_pylist()
-            known = sorted(c for c in known if c)
-        else:
-            known = sorted(c for c in per_category if c is not None)  # first run: nothing to compare with
-        parameters = {"known_categories": known}
         run = _run(spark, df, storage, run_id, "manifest", parameters, validation, quarantine_rows=True,
-                   input_rows=sum(per_category.values()) if per_category else None)
+                   input_rows=sum(per_category.values()) if has_category else None)
     finally:
-        df.unpersist()
+        if cached:
+            df.unpersist()
     new_categories = {c: n for c, n in sorted(per_category.items(), key=lambda kv: str(kv[0]))
                       if c is not None and c not in known}
     warnings = []
@@ -445,6 +597,15 @@ def validate_manifest(settings: Settings, run_id: str, *, spark, validation: Val
     result = _new_result(storage, run_id, "manifest", parameters, run, gates, previous, started, started_at, force,
                          extra, warnings, explained={"expect_column_values_to_be_in_set:category"})
     return _finish(storage, result, failing, force)
+
+
+def _manifest_categories(storage: Storage, manifest_key: str) -> dict[str | None, int]:
+    """Rows per category of a manifest file, trimmed, blank as None (as validation reads it)."""
+    counts: dict[str | None, int] = {}
+    for category, n in _rows_per_value(storage, manifest_key, "category").items():
+        name = str(category).strip() if category is not None else None
+        counts[name or None] = counts.get(name or None, 0) + n
+    return counts
 
 
 def _overlap_with_crawl(storage: Storage, run_id: str, failing: FailingRows) -> int:
@@ -471,10 +632,10 @@ def _valid_images_per_category(storage: Storage, spark, run_id: str, validation:
     report = _read_json(storage, report_key(run_id, "images"))
     if report and "valid_images_per_category" in report.get("extra", {}):
         return report["extra"]["valid_images_per_category"]
-    live = _live_images(spark, storage, run_id, validation)
-    return {r["category"]: r["count"] for r in live.groupBy("category").count().collect()}
+    return _rows_per_value(storage, layout.crawl_state_prefix(run_id), "category", where=("status", LIVE_STATUSES))
 
 
+@_with_query_settings
 def validate_images(settings: Settings, run_id: str, *, spark, validation: ValidateSettings | None = None,
                     force: bool = False) -> StageValidation:
     """The run's live images: dimensions, aspect ratio, format, size; crawl and category gates."""
@@ -487,14 +648,17 @@ def validate_images(settings: Settings, run_id: str, *, spark, validation: Valid
                   "min_aspect_ratio": validation.min_aspect_ratio, "max_aspect_ratio": validation.max_aspect_ratio,
                   "allowed_formats": list(validation.allowed_formats), "min_bytes": validation.min_bytes,
                   "max_bytes": validation.max_bytes}
-    df = _live_images(spark, storage, run_id, validation).cache()
+    df, cached = _cached_if_worth_it(_columns_to_validate(_live_images(spark, storage, run_id, validation), "images"),
+                                     storage, [layout.crawl_state_prefix(run_id)], validation)
+    live_per_category = _rows_per_value(storage, layout.crawl_state_prefix(run_id), "category",
+                                        where=("status", LIVE_STATUSES))
     try:
-        live_per_category = {r["category"]: r["count"] for r in df.groupBy("category").count().collect()}
         run = _run(spark, df, storage, run_id, "images", parameters, validation, quarantine_rows=True,
                    input_rows=sum(live_per_category.values()))
         previous_counts = _valid_images_per_category(storage, spark, previous, validation) if previous else None
     finally:
-        df.unpersist()
+        if cached:
+            df.unpersist()
     failing = run.failing
     rejected = _value_counts(failing.rows.column("category")) if failing.quarantined else {}
     valid_per_category = {c: n - rejected.get(c, 0) for c, n in sorted(live_per_category.items())}
@@ -572,6 +736,7 @@ def _default_embeddings(spark, storage: Storage, run_id: str, model_version: str
                             allow_arrow_fallback=validation.arrow_fallback_for_s3), model_version
 
 
+@_with_query_settings
 def validate_embeddings(settings: Settings, run_id: str, *, spark, embeddings=None, canonical=None,
                         model_version: str | None = None, validation: ValidateSettings | None = None,
                         force: bool = False) -> StageValidation:
@@ -592,7 +757,7 @@ def validate_embeddings(settings: Settings, run_id: str, *, spark, embeddings=No
         embeddings, model_version = _default_embeddings(spark, storage, run_id, model_version, validation)
     if canonical is None:
         canonical = _default_canonical(spark, storage, run_id, validation)
-    df = _embedding_frame(embeddings, canonical, model_version).cache()
+    df = _columns_to_validate(_embedding_frame(embeddings, canonical, model_version), "embeddings").cache()
     try:
         dims = {r["dim"]: r["count"] for r in df.groupBy("dim").count().collect()}
         canonical_images = df.select(F.countDistinct("sha256")).first()[0]
@@ -674,6 +839,7 @@ def _expected_vectors(spark, storage: Storage, run_id: str, validation: Validate
     return grouped.select("shard_group", "sha256").distinct().count()
 
 
+@_with_query_settings
 def validate_index(settings: Settings, run_id: str, *, spark, shard_stats=None, expected_vectors: int | None = None,
                    validation: ValidateSettings | None = None, force: bool = False) -> StageValidation:
     """A built index: vector count equals the canonical images it must hold, every shard's

@@ -31,7 +31,8 @@ THRESHOLDS = """thresholds (config file `validation:` section, or CATALOG_INDEX_
   category_drop_min_previous (20)  max_quarantine_rate ({"manifest": 0.05, "images": 0.05, "embeddings": 0.0})
   min_width/min_height (32)  min/max_aspect_ratio (0.1/10)  min/max_bytes  allowed_formats
   embedding_dim (most common)  norm_tolerance (0.001)  min_recall_at_10 (0.9)
-  result_format (SUMMARY)  sample_failing_values (0)  arrow_fallback_for_s3 (false)"""
+  result_format (BASIC)  sample_failing_values (0)  cache_above_mb (64)  adaptive_query_execution (false)
+  arrow_fallback_for_s3 (false)"""
 
 
 def _add_validate(sub) -> None:

@@ -66,6 +66,8 @@ def one_round(spark, manifest: Path, threads: int, work: Path, result_format: st
                                     validation=ValidateSettings(result_format=result_format))
             times[f"{night}_{stage}"] = time.perf_counter() - start
             times[f"{night}_{stage}_quarantined"] = result.accounting["quarantined_rows"]
+            for step, seconds in result.timings_s.items():
+                times[f"{night}_{stage}:{step}"] = seconds
         times[f"{night}_fetched"] = summary.fetched
         times[f"{night}_not_modified"] = summary.not_modified
     shutil.rmtree(warehouse, ignore_errors=True)
@@ -77,8 +79,8 @@ def main() -> None:
     parser.add_argument("--images", default="2000", help="sample images to crawl, or 'all' (default 2000)")
     parser.add_argument("--repeats", type=int, default=3, help="counted rounds (default 3)")
     parser.add_argument("--threads", type=int, default=16, help="fetch threads per Spark task (default 16)")
-    parser.add_argument("--result-format", default="SUMMARY", choices=["BOOLEAN_ONLY", "BASIC", "SUMMARY"],
-                        help="GX result format (validation.result_format; default SUMMARY)")
+    parser.add_argument("--result-format", default="BASIC", choices=["BOOLEAN_ONLY", "BASIC", "SUMMARY"],
+                        help="GX result format (validation.result_format; default BASIC)")
     args = parser.parse_args()
     os.environ["CATALOG_INDEX_NO_PROGRESS"] = "1"
 
@@ -118,6 +120,12 @@ def main() -> None:
         validate = statistics.median(r[f"{night}_manifest"] + r[f"{night}_images"] for r in rounds)
         share = statistics.median((r[f"{night}_manifest"] + r[f"{night}_images"]) / r[f"{night}_crawl"] for r in rounds)
         print(f"{label:34} {crawl:7.2f} {manifest_s:9.2f} {images_s:7.2f} {validate:9.2f} {share * 100:6.1f}%")
+    steps = sorted({k.split(":", 1)[1] for k in rounds[0] if ":" in k})
+    print(f"\nvalidation steps (median seconds; the rest is reading, gates, writing the report): {', '.join(steps)}")
+    for night in ("night1", "night2"):
+        for stage in ("manifest", "images"):
+            print(f"  {night} {stage:9} " + "  ".join(
+                f"{step} {median(f'{night}_{stage}:{step}'):.2f}" for step in steps if f"{night}_{stage}:{step}" in rounds[0]))
     r = rounds[0]
     print(f"quarantined by validation: manifest {r['night1_manifest_quarantined']}, "
           f"images {r['night1_images_quarantined']} (of {r['night1_fetched']} images); goal: share < 10%")
