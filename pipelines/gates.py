@@ -74,10 +74,10 @@ class ValidateSettings(BaseModel):
                               "validation's few queries, which costs less than building Spark's columnar cache.")
     adaptive_query_execution: bool = Field(
         False, description="Spark adaptive query execution (spark.sql.adaptive.enabled) while a stage is validated; "
-                           "the session's own setting is restored afterwards. Off by default: validation's queries "
-                           "are global aggregates and window counts over a cached frame, which AQE cannot improve, "
-                           "and AQE runs each of them as two Spark jobs with re-planning in between (about half "
-                           "of validation's JVM time on the sample catalog).")
+                           "the session's own settings are restored afterwards. Off by default: validation's queries "
+                           "are global aggregates and a few window counts, which AQE cannot improve, and AQE runs "
+                           "each of them as two Spark jobs with re-planning in between (measured: half of GX's JVM "
+                           "time on the sample catalog). Off, shuffles use spark.default.parallelism partitions.")
     arrow_fallback_for_s3: bool = Field(
         False, description="For s3:// warehouses, read tables with boto3 on the driver and hand them to Spark "
                            "as Arrow instead of reading s3a:// paths (tests, small warehouses; no hadoop-aws).")

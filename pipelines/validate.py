@@ -38,6 +38,13 @@ on local paths for file:// warehouses, `s3a://` paths for s3:// ones (the cluste
 hadoop-aws and `spark.hadoop.fs.s3a.*` settings), or, with `validation.arrow_fallback_for_s3`,
 tables read with boto3 and handed to Spark as Arrow (tests, small warehouses).
 
+Cost (`bench/validate`): a stage is a handful of Spark queries, most of their time fixed
+cost. Only the columns the suite reads are read; a small local table is not cached (re-reading
+it is cheaper than building the cache); GX runs first and the one failing-rows query only
+when GX counted failing rows; rows per category come from the Parquet column with pyarrow
+(checked against GX's row count); adaptive execution is off while validating
+(`validation.adaptive_query_execution`). Seconds per step are in the report (`timings_s`).
+
 This module never edits the data it validates and never touches a published snapshot.
 """
 from __future__ import annotations
@@ -332,7 +339,10 @@ def _query_settings(spark, validation: ValidateSettings):
     the session's default parallelism (its cores) instead of spark.sql.shuffle.partitions."""
     wanted = {_AQE: "true" if validation.adaptive_query_execution else "false"}
     if not validation.adaptive_query_execution:
-        wanted[_SHUFFLE_PARTITIONS] = str(max(1, spark.sparkContext.defaultParallelism))
+        try:
+            wanted[_SHUFFLE_PARTITIONS] = str(max(1, spark.sparkContext.defaultParallelism))
+        except Exception:  # a Spark Connect session has no SparkContext: keep its setting
+            pass
     before = {key: spark.conf.get(key, None) for key in wanted}
     for key, value in wanted.items():
         spark.conf.set(key, value)
@@ -355,14 +365,14 @@ def _with_query_settings(validate_fn):
     return wrapper
 
 
-def _columns_to_validate(df, stage: str, *also: str | None):
+def _columns_to_validate(df, stage: str):
     """`df` with only the columns that validating `stage` reads (those its suite names, the
-    row key, the columns copied into quarantine records, `also`), so that the cached frame
-    holds nothing else; the whole frame when the suite looks at every column."""
+    row key, the columns copied into quarantine records): Parquet reads, and a cache, hold
+    nothing else. The whole frame when the suite looks at every column."""
     wanted = columns_read(load_suite(stage))
     if wanted is None:
         return df
-    wanted = set(wanted) | set(ROW_KEYS[stage]) | set(_CARRIED) | {c for c in also if c}
+    wanted = set(wanted) | set(ROW_KEYS[stage]) | set(_CARRIED)
     return df.select(*[c for c in df.columns if c in wanted])
 
 
@@ -418,10 +428,11 @@ def _gx_counted_failures(outcomes: list[ExpectationOutcome], names: set[str]) ->
 
 
 def _cached_if_worth_it(df, storage: Storage, inputs: list[str], validation: ValidateSettings):
-    """(`df` or `df.cache()`, whether cached). Validation reads its frame 3 to 6 times (a
-    group count, GX's aggregates, the failing rows). A table on local disk no larger than
-    `validation.cache_above_mb` is re-read each time: that costs less than building Spark's
-    columnar cache (0.2-0.4 s for the sample catalog's 8,000 rows). Anything else is cached."""
+    """(`df` or `df.cache()`, whether cached). Validation reads its frame 2 to 5 times (GX's
+    aggregates and uniqueness counts, the failing rows). A table on local disk no larger than
+    `validation.cache_above_mb` is re-read each time, columns pruned: that costs less than
+    building Spark's columnar cache (0.2-0.4 s for the sample catalog's 8,000 rows). Remote
+    or larger tables are cached."""
     if isinstance(storage, LocalStorage):
         size = sum((storage.root / k).stat().st_size for key in inputs for k in _parquet_keys(storage, key))
         if size <= validation.cache_above_mb * 2**20:
@@ -563,9 +574,9 @@ def validate_manifest(settings: Settings, run_id: str, *, spark, validation: Val
     blank_is_null = {c: F.when(F.trim(F.col(c)) != "", F.trim(F.col(c)))
                      for c in ("product_id", "category", "image_url") if c in raw.columns}
     has_category = "category" in raw.columns
-    # Known categories: the previous successful run's; on a first run, this manifest's own
-    # (nothing to compare with). Read with pyarrow, like the crawl reads the manifest.
     # Rows per category (blank read as null, as in the frame), counted from the Parquet column.
+    # Known categories: the previous successful run's; on a first run, this manifest's own
+    # (nothing to compare with).
     per_category = _manifest_categories(storage, layout.manifest_key(run_id)) if has_category else {}
     if not has_category:
         known = []
@@ -626,7 +637,7 @@ def _live_images(spark, storage: Storage, run_id: str, validation: ValidateSetti
     return state.where(F.col("status").isin(*LIVE_STATUSES)).withColumn("aspect_ratio", ratio)
 
 
-def _valid_images_per_category(storage: Storage, spark, run_id: str, validation: ValidateSettings) -> dict[str, int]:
+def _valid_images_per_category(storage: Storage, run_id: str) -> dict[str, int]:
     """A past run's images per category that reached the index: from its images report when it
     was validated, else its live crawl rows."""
     report = _read_json(storage, report_key(run_id, "images"))
@@ -648,14 +659,14 @@ def validate_images(settings: Settings, run_id: str, *, spark, validation: Valid
                   "min_aspect_ratio": validation.min_aspect_ratio, "max_aspect_ratio": validation.max_aspect_ratio,
                   "allowed_formats": list(validation.allowed_formats), "min_bytes": validation.min_bytes,
                   "max_bytes": validation.max_bytes}
-    df, cached = _cached_if_worth_it(_columns_to_validate(_live_images(spark, storage, run_id, validation), "images"),
-                                     storage, [layout.crawl_state_prefix(run_id)], validation)
     live_per_category = _rows_per_value(storage, layout.crawl_state_prefix(run_id), "category",
                                         where=("status", LIVE_STATUSES))
+    df, cached = _cached_if_worth_it(_columns_to_validate(_live_images(spark, storage, run_id, validation), "images"),
+                                     storage, [layout.crawl_state_prefix(run_id)], validation)
     try:
         run = _run(spark, df, storage, run_id, "images", parameters, validation, quarantine_rows=True,
                    input_rows=sum(live_per_category.values()))
-        previous_counts = _valid_images_per_category(storage, spark, previous, validation) if previous else None
+        previous_counts = _valid_images_per_category(storage, previous) if previous else None
     finally:
         if cached:
             df.unpersist()

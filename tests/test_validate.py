@@ -24,6 +24,7 @@ from pipelines.gates import (GateFailed, ValidateSettings, category_drop_gate, c
 from pipelines.storage import open_storage
 from pipelines.validate import (dedup_images_key, embed_success_key, exclude_quarantined, quarantine_key,
                                 read_spark_table, report_key, validate_embeddings, validate_index, validate_stage)
+from pipelines.expectations import expectation_name
 from schemas.tables import DEDUP_IMAGES, EMBEDDINGS, MANIFEST, QUARANTINE
 
 NIGHT1, NIGHT2, BROKEN = "20261101T030000Z", "20261102T030000Z", "20261103T030000Z"
@@ -339,3 +340,155 @@ def test_cli_index_below_recall_exits_1_with_the_numbers(spark, tmp_path, capsys
     out = capsys.readouterr().err
     assert "index_checks" in out and "expect_column_sum_to_be_between:vector_count observed 90" in out
     assert "recall_at_10" in out and "--force" in out
+
+
+# ---------------------------------------------------------------------------------------
+# the fast path: one query for the failing rows agrees with GX, and validation stays cheap
+# ---------------------------------------------------------------------------------------
+
+IMAGE_PARAMETERS = {"min_width": 32, "min_height": 32, "min_aspect_ratio": 0.1, "max_aspect_ratio": 10.0,
+                    "allowed_formats": ["JPEG", "PNG"], "min_bytes": 100, "max_bytes": 10_000}
+
+
+def _crafted_images(spark):
+    """Good rows, and rows breaking each row-level expectation of the images suite (some several)."""
+    good = ("s", "PNG", 1_000, 64, 48)
+    rows = [good] * 5 + [
+        (None, "PNG", 1_000, 64, 48),            # no sha256
+        ("s", None, 1_000, 64, 48),              # no format
+        ("s", "PNG", 1_000, None, 48),           # no width (aspect ratio null too)
+        ("s", "PNG", 1_000, 64, None),           # no height
+        ("s", "PNG", 1_000, 8, 48),              # too narrow
+        ("s", "PNG", 1_000, 64, 4),              # too low and aspect ratio 16
+        ("s", "SVG", 1_000, 64, 48),             # format not allowed
+        ("s", "PNG", 20, 64, 48),                # too small a file
+        ("s", "GIF", 50_000, 4, 400),            # four failures: format, bytes, width, aspect ratio
+    ]
+    return spark.createDataFrame(
+        [(f"p{i}", "food", f"http://x/{i}.png", sha, size, fmt, w, h, (w / h) if w and h else None, 200)
+         for i, (sha, fmt, size, w, h) in enumerate(rows)],
+        "product_id string, category string, image_url string, sha256 string, byte_size long, format string, "
+        "width int, height int, aspect_ratio double, http_status int")
+
+
+def _crafted_manifest(spark):
+    rows = [(0, "a", "food", "http://x/a.png"), (1, "b", "food", "http://x/b.png"),
+            (2, "a", "food", "http://x/a.png"),      # repeats row 0
+            (3, "a", "food", "http://x/a.png"),      # and again
+            (4, None, "food", "http://x/c.png"),     # no product id
+            (5, "d", None, "http://x/d.png"),        # no category
+            (6, "e", "food", "ftp://x/e.png"),       # not a URL the crawl fetches
+            (7, "f", "food", "http://x/has space"),  # whitespace in the URL
+            (8, "g", "tools", None)]                 # no URL
+    return spark.createDataFrame(rows, "row_index long, product_id string, category string, image_url string")
+
+
+@pytest.mark.parametrize("stage", ["images", "manifest"])
+def test_the_failing_rows_query_finds_exactly_what_gx_counts(spark, stage):
+    """Quarantine comes from one Spark query over the suite's row-level expectations; GX runs
+    the suite itself. On rows crafted to break every row-level expectation, both must agree,
+    expectation by expectation (a quarantine that drifted from the suite would go unnoticed)."""
+    from pipelines.expectations import (CRITICAL, find_failing_rows, is_row_level, load_suite, row_checks,
+                                        run_suite, severity_of)
+    from pipelines.validate import _CARRIED
+
+    suite = load_suite(stage)
+    df, parameters = ((_crafted_images(spark), IMAGE_PARAMETERS) if stage == "images"
+                      else (_crafted_manifest(spark), {"known_categories": ["food"]}))
+    outcomes = {o.name: o for o in run_suite(df, suite, parameters, run_name="crafted", docs_dir=None)}
+    failing = find_failing_rows(df, row_checks(suite, parameters, df.columns), _CARRIED)
+
+    row_level = [e for e in suite["expectations"] if is_row_level(e) and severity_of(e) == CRITICAL]
+    assert set(failing.failures_per_expectation) == {expectation_name(e) for e in row_level}
+    for config in row_level:
+        name = expectation_name(config)
+        gx_count, found = outcomes[name].result["unexpected_count"], failing.failures_per_expectation[name]
+        assert found > 0, f"{name}: the crafted rows should break it"
+        if (config.get("meta") or {}).get("keep_first_by"):
+            assert (gx_count, found) == (3, 2), name     # GX counts every copy; the first copy is kept
+        else:
+            assert found == gx_count, name
+        assert "partial_unexpected_list" not in outcomes[name].result   # no sample asked for: none queried
+    if stage == "images":
+        assert failing.quarantined == 9 and failing.input_rows == 14
+        worst = next(r for r in failing.rows.to_pylist() if r["product_id"] == "p13")
+        assert worst["failed"] == ["expect_column_values_to_be_between:width",
+                                   "expect_column_values_to_be_between:aspect_ratio",
+                                   "expect_column_values_to_be_in_set:format",
+                                   "expect_column_values_to_be_between:byte_size"]
+        assert worst["reason"] == worst["failed"][0]
+        assert "width=4 (expected >= 32)" in worst["detail"] and "aspect_ratio=0.01 (expected between 0.1" in worst["detail"]
+        assert "format=GIF (expected one of {JPEG, PNG})" in worst["detail"]
+        no_width = next(r for r in failing.rows.to_pylist() if r["product_id"] == "p7")
+        assert no_width["detail"] == "expect_column_values_to_not_be_null:width: width=null (expected a value, found null)"
+    else:
+        assert sorted(r["row_index"] for r in failing.rows.to_pylist()) == [2, 3, 4, 5, 6, 7, 8]
+
+
+def test_a_validation_runs_a_few_spark_jobs_not_one_per_expectation(nights, spark):
+    """Images (10 expectations): GX bundles its counts (one job for the row count, one for every
+    other count) and one job finds the failing rows; nothing is re-read per expectation."""
+    settings, *_ = nights
+    sc = spark.sparkContext
+    sc.setJobGroup("validate-images-jobs", "job count of one validation")
+    try:
+        result = validate_stage(settings, NIGHT1, "images", spark=spark, validation=THRESHOLDS)
+    finally:
+        sc.setLocalProperty("spark.jobGroup.id", None)
+    assert result.accounting["quarantined_rows"] == 1
+    assert len(sc.statusTracker().getJobIdsForGroup("validate-images-jobs")) <= 3
+    assert set(result.timings_s) == {"expectations", "data_docs", "failing_rows"}
+
+
+def test_no_failing_rows_query_when_gx_found_none(nights, spark, monkeypatch):
+    import pipelines.validate as validate_module
+
+    settings, *_ = nights
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("GX counted no failing row: there is nothing to look for")
+
+    monkeypatch.setattr(validate_module, "find_failing_rows", must_not_run)
+    result = validate_stage(settings, NIGHT1, "manifest", spark=spark, validation=THRESHOLDS)
+    assert result.outcome == "passed" and result.accounting["quarantined_rows"] == 0
+    assert result.accounting["input_rows"] == 13
+    storage = open_storage(settings.warehouse)
+    assert storage.read_table(quarantine_key(NIGHT1, "manifest")).num_rows == 0
+
+
+def test_validation_gives_the_session_its_sql_settings_back(spark, tmp_path):
+    conf = spark.conf
+    before = {k: conf.get(k) for k in ("spark.sql.adaptive.enabled", "spark.sql.shuffle.partitions")}
+    conf.set("spark.sql.adaptive.enabled", "true")
+    conf.set("spark.sql.shuffle.partitions", "7")
+    try:
+        settings = load_settings(warehouse=(tmp_path / "wh").as_uri())
+        stats = [{"shard": "0", "vector_count": 10, "recall_at_10": 0.2}]
+        with pytest.raises(GateFailed):   # a stopped validation too
+            validate_index(settings, "r1", spark=spark, shard_stats=stats, expected_vectors=10, validation=THRESHOLDS)
+        assert (conf.get("spark.sql.adaptive.enabled"), conf.get("spark.sql.shuffle.partitions")) == ("true", "7")
+    finally:
+        for key, value in before.items():
+            conf.set(key, value)
+
+
+def test_tables_are_read_with_the_schema_spark_would_infer(nights, spark, tmp_path):
+    """Reading a local table's schema from its Parquet footer (no Spark job) must give what
+    Spark's own inference gives; types that do not map one to one are left to Spark."""
+    import pyarrow.parquet as pq
+
+    from pipelines.validate import _parquet_keys, _spark_schema_from_footer
+
+    settings, *_ = nights
+    storage = open_storage(settings.warehouse)
+    extra = open_storage((tmp_path / "wh").as_uri())
+    extra.write_table("embeddings/m1/part-0.parquet", pa.Table.from_pylist(
+        [{"sha256": "s0", "vector": [0.5, 0.5], "model_version": "m1", "run_id": "r0"}], schema=EMBEDDINGS))
+    for store, key in ((storage, layout.manifest_key(NIGHT1)), (storage, layout.crawl_state_prefix(NIGHT1)),
+                       (extra, "embeddings/m1/")):
+        paths = [str(store.root / k) for k in _parquet_keys(store, key)]
+        assert _spark_schema_from_footer(paths[0]) is not None, key
+        assert read_spark_table(spark, store, key).schema == spark.read.parquet(*paths).schema, key
+    naive = tmp_path / "naive.parquet"
+    pq.write_table(pa.table({"t": pa.array([0], pa.timestamp("us"))}), naive)
+    assert _spark_schema_from_footer(str(naive)) is None
