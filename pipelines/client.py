@@ -369,8 +369,10 @@ def model_spec_from_manifest(model_info: dict, snapshot_dir: Path):
     if not model_info.get("weights_sha256") or not model_info.get("preprocessing"):
         raise SnapshotError(f"snapshot vectors come from model version {model_info['version']}, which this "
                             "installation cannot reproduce: search it with SnapshotClient.search_vectors")
-    preprocessing = Preprocessing(**{key: tuple(value) if isinstance(value, list) else value
-                                     for key, value in model_info["preprocessing"].items()})
+    described = {key: tuple(value) if isinstance(value, list) else value
+                 for key, value in model_info["preprocessing"].items()}
+    described.setdefault("framing", "center_crop")  # snapshots from before framing was a setting
+    preprocessing = Preprocessing(**described)
     pca = None
     if model_info.get("pca_sha256"):
         pca = PcaProjection.from_bytes((snapshot_dir / MODEL_PCA_PATH).read_bytes())

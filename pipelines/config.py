@@ -85,6 +85,10 @@ class DedupSettings(_Section):
 
 class EmbedSettings(_Section):
     pooling: str = Field("gem", pattern="^(gem|avg)$", description="Global pooling of the feature map: GeM (p=3) or avg.")
+    framing: Literal["trim", "center_crop"] = Field(
+        "trim", description="How an image is framed for the model: 'trim' cuts the uniform background around the "
+                            "product and fits the rest whole (catalog graphics on large blank canvases); "
+                            "'center_crop' is the classic resize-256 + center-crop-224. Part of the model version.")
     batch_size: int | None = Field(None, ge=1, description="Model batch; None = 64 on CPU, 256 on GPU.")
     images_per_task: int = Field(1000, ge=1, description="Images embedded per Spark task.")
     task_gpus: float = Field(0.0, ge=0, description="GPUs each embed task asks Spark for (stage-level resource "

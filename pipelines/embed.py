@@ -44,9 +44,9 @@ def embeddings_prefix(version: str) -> str:
 def spec_from_settings(cfg: EmbedSettings, storage: Storage | None = None):
     """The model spec the settings describe. With `pca_dim`, the PCA fitted on the catalog
     (`models/pca/…`, see fit_catalog_pca) is part of the spec, so it needs the warehouse."""
-    from pipelines.model import PcaProjection, default_spec
+    from pipelines.model import PcaProjection, Preprocessing, default_spec
 
-    base = default_spec(pooling=cfg.pooling)
+    base = default_spec(pooling=cfg.pooling, preprocessing=Preprocessing(framing=cfg.framing))
     if not cfg.pca_dim:
         return base
     if storage is None or not storage.exists(pca_key(base, cfg)):

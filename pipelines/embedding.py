@@ -25,7 +25,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageChops, UnidentifiedImageError
 
 from pipelines.model import (FEATURE_DIM, ModelSpec, PcaProjection, Preprocessing, load_embedding_model,
                              model_version, pixels_to_input)
@@ -68,6 +68,62 @@ def center_crop_box(width: int, height: int, preprocessing: Preprocessing) -> tu
     return (left * scale_x, top * scale_y, (left + crop) * scale_x, (top + crop) * scale_y)
 
 
+def trim_layout(content: tuple[int, int, int, int], preprocessing: Preprocessing) -> tuple[int, int, int, int]:
+    """Where the trimmed content goes in the crop x crop frame: (left, top, width, height).
+
+    Its longer side fills the frame less `trim_padding` on each side; it is centred, and the
+    rest of the frame is background (a wide product is letterboxed, never cut)."""
+    left, top, right, bottom = content
+    content_w, content_h = max(1, right - left), max(1, bottom - top)
+    frame = preprocessing.crop
+    scale = frame * (1 - 2 * preprocessing.trim_padding) / max(content_w, content_h)
+    width = min(frame, max(1, int(round(content_w * scale))))
+    height = min(frame, max(1, int(round(content_h * scale))))
+    return (frame - width) // 2, (frame - height) // 2, width, height
+
+
+def content_box(image: Image.Image, preprocessing: Preprocessing) -> tuple[int, int, int, int]:
+    """The smallest box holding every pixel that differs from the background by more than
+    `trim_tolerance` on some channel; the whole image when there is no such pixel (a blank
+    image stays a blank image)."""
+    background = Image.new("RGB", image.size, preprocessing.background)
+    tolerance = preprocessing.trim_tolerance
+    mask = ImageChops.difference(image, background).point(lambda v: 255 if v > tolerance else 0)
+    return mask.getbbox() or (0, 0, image.width, image.height)
+
+
+def _trimmed_frame(image: Image.Image, preprocessing: Preprocessing) -> Image.Image:
+    """`framing="trim"`: the content box, resized whole and centred on a background frame."""
+    box = content_box(image, preprocessing)
+    left, top, width, height = trim_layout(box, preprocessing)
+    resized = image.resize((width, height), _RESAMPLING[preprocessing.interpolation], box=box,
+                           reducing_gap=preprocessing.reducing_gap)
+    frame = Image.new("RGB", (preprocessing.crop, preprocessing.crop), preprocessing.background)
+    frame.paste(resized, (left, top))
+    return frame
+
+
+def trimmed_frame_tensor(image: torch.Tensor, preprocessing: Preprocessing) -> torch.Tensor:
+    """`framing="trim"` for a decoded CHW uint8 RGB tensor on any device (the nvJPEG path):
+    the same content box and layout as the PIL path, resized with torchvision."""
+    from torchvision.transforms.v2 import functional as TF
+
+    background = torch.tensor(preprocessing.background, dtype=torch.int16, device=image.device)
+    differs = (image.to(torch.int16) - background[:, None, None]).abs().amax(0) > preprocessing.trim_tolerance
+    rows, cols = differs.any(1).nonzero(), differs.any(0).nonzero()
+    height, width = image.shape[-2:]
+    if len(rows):
+        box = (int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1)
+    else:
+        box = (0, 0, int(width), int(height))
+    left, top, out_w, out_h = trim_layout(box, preprocessing)
+    content = TF.resize(image[:, box[1]:box[3], box[0]:box[2]], [out_h, out_w],
+                        interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+    frame = background.to(torch.uint8)[:, None, None].expand(3, preprocessing.crop, preprocessing.crop).clone()
+    frame[:, top:top + out_h, left:left + out_w] = content
+    return frame
+
+
 def _to_rgb(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
     """RGB, with any transparency composited on `background` (a product shot on white)."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
@@ -97,16 +153,19 @@ def decode_for_model(data: bytes, preprocessing: Preprocessing) -> np.ndarray:
             if image.mode != "RGB":
                 # before resizing: palettes resample as nearest-neighbour, and alpha needs compositing
                 image = _to_rgb(image, preprocessing.background)
-            # The crop is computed on the original size and scaled to the drafted one: computed on
-            # the drafted size, rounding moves it by up to a pixel, which sharp-edged product
-            # graphics notice (cosine 0.97 instead of 0.999 against a full-size decode).
-            left, top, right, bottom = center_crop_box(width, height, preprocessing)
-            scale_x, scale_y = image.width / width, image.height / height
-            box = (left * scale_x, top * scale_y, right * scale_x, bottom * scale_y)
-            size = (preprocessing.crop, preprocessing.crop)
-            resized = image.resize(size, _RESAMPLING[preprocessing.interpolation], box=box,
-                                   reducing_gap=preprocessing.reducing_gap)
-            pixels = np.array(resized, dtype=np.uint8)  # writable: torch.from_numpy warns on read-only arrays
+            if preprocessing.framing == "trim":
+                framed = _trimmed_frame(image, preprocessing)
+            else:
+                # The crop is computed on the original size and scaled to the drafted one: computed
+                # on the drafted size, rounding moves it by up to a pixel, which sharp-edged product
+                # graphics notice (cosine 0.97 instead of 0.999 against a full-size decode).
+                left, top, right, bottom = center_crop_box(width, height, preprocessing)
+                scale_x, scale_y = image.width / width, image.height / height
+                box = (left * scale_x, top * scale_y, right * scale_x, bottom * scale_y)
+                size = (preprocessing.crop, preprocessing.crop)
+                framed = image.resize(size, _RESAMPLING[preprocessing.interpolation], box=box,
+                                      reducing_gap=preprocessing.reducing_gap)
+            pixels = np.array(framed, dtype=np.uint8)  # writable: torch.from_numpy warns on read-only arrays
     except Image.DecompressionBombError as exc:
         raise ImageDecodeError(DECOMPRESSION_BOMB, str(exc)) from None
     except UnidentifiedImageError as exc:
@@ -285,6 +344,9 @@ class ImageEmbedder:
             images = None  # one bad file fails the whole nvJPEG call: this batch goes through PIL
         if images is not None:
             for i, image in zip(pending, images):
+                if preprocessing.framing == "trim":
+                    results[i] = trimmed_frame_tensor(image, preprocessing)
+                    continue
                 height, width = image.shape[-2:]
                 left, top, right, bottom = center_crop_box(width, height, preprocessing)
                 crop = image[:, int(top):int(np.ceil(bottom)), int(left):int(np.ceil(right))]

@@ -43,8 +43,10 @@ class WeightsError(RuntimeError):
 class Preprocessing:
     """How an image becomes the model's input; part of the model version.
 
-    Defaults are the EfficientNet-Lite TF evaluation pipeline: shorter side to 256
-    (= 224 / 0.875), bicubic, center crop 224, and (x - 127) / 128 on 0..255 pixels.
+    Pixels and scaling are the EfficientNet-Lite TF evaluation pipeline's: bicubic, 224 x 224,
+    (x - 127) / 128 on 0..255 pixels. Framing is ours by default (`framing`, below): the
+    product's content box fitted whole; `framing="center_crop"` is that pipeline's shorter
+    side to 256 (= 224 / 0.875) and a center crop.
     Transparent images are composited on white before anything else. The two speed
     settings change pixels slightly, so they are part of the version too: JPEGs decoded
     at reduced size in the DCT domain (never below the resize target), and PIL's
@@ -58,6 +60,21 @@ class Preprocessing:
     background: tuple[int, int, int] = (255, 255, 255)
     jpeg_draft: bool = True
     reducing_gap: float | None = 3.0
+    # "trim" (default): crop away the uniform background around the product (pixels within
+    # `trim_tolerance` of `background` on every channel), then fit what is left, whole, into the
+    # crop x crop frame with `trim_padding` of background on each side (a wide product is
+    # letterboxed, not cut). Catalog graphics are often a small drawing on a large blank canvas,
+    # which a center crop turns into a blank picture: every such image got the same vector.
+    # "center_crop": the evaluation pipeline above (resize_shorter, then a centred crop).
+    framing: str = "trim"
+    trim_tolerance: int = 24
+    trim_padding: float = 0.0625
+
+    def __post_init__(self):
+        if self.framing not in ("center_crop", "trim"):
+            raise ValueError(f"framing must be 'center_crop' or 'trim', got {self.framing!r}")
+        if not 0 <= self.trim_padding < 0.5:
+            raise ValueError(f"trim_padding must be in [0, 0.5), got {self.trim_padding}")
 
 
 @dataclass(frozen=True, eq=False)  # numpy fields: compare by digest, not elementwise
@@ -160,12 +177,22 @@ def default_spec(**overrides: Any) -> ModelSpec:
     return ModelSpec(weights_sha256=file_sha256(packaged_weights_path()), **overrides)
 
 
+def _preprocessing_identity(preprocessing: Preprocessing) -> dict[str, Any]:
+    """The preprocessing fields that change pixels: the trim settings only when trimming (so
+    center-crop versions read as they did before framing was a choice)."""
+    identity = asdict(preprocessing)
+    if preprocessing.framing == "center_crop":
+        for name in ("framing", "trim_tolerance", "trim_padding"):
+            identity.pop(name)
+    return identity
+
+
 def model_version(spec: ModelSpec) -> str:
     """Short, stable id of everything that determines a vector, e.g. `effnetlite0-3f9a0c1d2e4b`."""
     identity = {
         "architecture": spec.architecture,
         "weights_sha256": spec.weights_sha256,
-        "preprocessing": asdict(spec.preprocessing),
+        "preprocessing": _preprocessing_identity(spec.preprocessing),
         "pooling": spec.pooling,
         "gem_p": spec.gem_p if spec.pooling == "gem" else None,
         "pca_sha256": spec.pca.digest if spec.pca is not None else None,

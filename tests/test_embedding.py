@@ -99,6 +99,70 @@ def test_transparent_images_are_seen_on_white(embedder, spec):
     assert cosine(vectors["white"], vectors["p"]) > 0.95  # palette quantisation shifts colours a little
 
 
+def _on_canvas(art: Image.Image, canvas=(800, 1600), at=(10, 15)) -> Image.Image:
+    """A drawing in the top-left corner of a large transparent page (how clip art is often drawn)."""
+    page = Image.new("RGBA", canvas, (255, 255, 255, 0))
+    page.paste(art, at, art)
+    return page
+
+
+def test_center_crop_of_a_drawing_in_a_page_corner_is_blank_and_trim_framing_finds_it(spec):
+    page = encode(_on_canvas(drawing()), "PNG")
+    center_crop = replace(spec.preprocessing, framing="center_crop")
+    assert decode_for_model(page, center_crop).min() == 255     # what center-crop framing sees: nothing
+    assert spec.preprocessing.framing == "trim"                  # the default
+    pixels = decode_for_model(page, spec.preprocessing)
+    assert pixels.shape == (224, 224, 3)
+    dark = np.argwhere(pixels.min(axis=2) < 128)
+    (top, left), (bottom, right) = dark.min(axis=0), dark.max(axis=0)
+    # the drawing's box is 300 x 240 -> fitted whole, its long side 224 * (1 - 2 * 0.0625) = 196, centred
+    assert 12 <= left <= 16 and 208 <= right <= 212 and abs((top + bottom) / 2 - 112) <= 4
+    assert tuple(pixels[2, 2]) == (255, 255, 255)
+
+
+def test_trim_framing_embeds_a_drawing_alike_wherever_it_sits_on_its_page(spec):
+    center_crop = replace(spec, preprocessing=replace(spec.preprocessing, framing="center_crop"))
+    assert model_version(center_crop) != model_version(spec)
+    embedder = ImageEmbedder(spec, "cpu", batch_size=4)
+    try:
+        art = drawing()
+        vectors, failures = embed_all(embedder, [
+            ("alone", encode(art, "PNG")),
+            ("corner", encode(_on_canvas(art), "PNG")),
+            ("elsewhere", encode(_on_canvas(art, canvas=(1200, 900), at=(700, 500)), "PNG")),
+            ("jpeg_page", encode(_on_canvas(art).convert("RGBA").convert("RGB"), "JPEG", quality=90)),
+            ("cat", encode(Image.open(CAT_PHOTO), "PNG")),
+            ("blank", encode(Image.new("RGB", (300, 300), "white"), "PNG"))])
+    finally:
+        embedder.close()
+    assert failures.empty and set(vectors) == {"alone", "corner", "elsewhere", "jpeg_page", "cat", "blank"}
+    assert cosine(vectors["alone"], vectors["corner"]) > 0.99
+    assert cosine(vectors["alone"], vectors["elsewhere"]) > 0.99
+    assert cosine(vectors["alone"], vectors["cat"]) < 0.8
+    assert all(abs(np.linalg.norm(v) - 1) < 1e-4 for v in vectors.values())
+
+
+def test_trim_framing_on_tensors_matches_the_pil_path(spec):
+    """The nvJPEG path frames decoded tensors with torch; run here on CPU tensors against PIL."""
+    from pipelines.embedding import trimmed_frame_tensor
+
+    trim = spec.preprocessing
+    page = _on_canvas(drawing()).convert("RGBA")
+    flat = Image.new("RGB", page.size, "white")
+    flat.paste(page, mask=page.getchannel("A"))
+    expected = decode_for_model(encode(flat, "PNG"), trim).astype(int)
+    framed = trimmed_frame_tensor(torch.from_numpy(np.array(flat)).permute(2, 0, 1).contiguous(), trim)
+    got = framed.permute(1, 2, 0).numpy().astype(int)
+    assert got.shape == expected.shape and np.abs(got - expected).mean() < 1.0
+
+
+def test_framing_is_checked():
+    from pipelines.model import Preprocessing
+
+    with pytest.raises(ValueError, match="framing"):
+        Preprocessing(framing="stretch")
+
+
 def test_corrupt_images_are_reported_with_a_reason_and_the_rest_embedded(embedder, cat_png):
     jpeg = encode(Image.open(CAT_PHOTO), "JPEG", quality=90)
     items = [("good1", cat_png), ("html", b"<!doctype html><html>404</html>"), ("empty", b""),

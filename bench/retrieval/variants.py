@@ -59,6 +59,8 @@ def variant_specs(base) -> dict:
         "avg-pool": (replace(base, pooling="avg"), None),
         "whole-224": (replace(base, preprocessing=replace(pre, resize_shorter=224)), None),  # no 12.5 % border cut
         "whole-288": (replace(base, preprocessing=replace(pre, resize_shorter=288, crop=288)), None),  # + pixels
+        # framing="trim": the blank canvas around a drawing cut away, the drawing fitted whole
+        "trim": (replace(base, preprocessing=replace(pre, framing="trim")), None),
         "autocontrast": (base, autocontrast),
         "autocontrast-thicken": (base, lambda data: autocontrast(data, thicken=True)),
     }
