@@ -364,7 +364,10 @@ def _stage_line(stage: str, result) -> str:
     if stage == "publish":
         return f"snapshot {result.snapshot_id} (previous {result.previous_snapshot or 'none'})"
     if isinstance(result, dict):
-        return "; ".join(f"{name}: {'passed' if getattr(v, 'passed', True) else 'FAILED'}" for name, v in result.items())
+        return "; ".join(f"{name}: {getattr(v, 'outcome', 'passed')}"
+                         + (f" (inputs unchanged: run {v.extra['reused_validation_of']}'s result)"
+                            if (getattr(v, "extra", None) or {}).get("reused_validation_of") else "")
+                         for name, v in result.items())
     return ""
 
 

@@ -120,6 +120,10 @@ class IndexSettings(_Section):
     recall_queries: int = Field(500, ge=10, description="held-out vectors for tuning and for the recall check")
     keep_snapshots: int = Field(5, ge=1, description="published snapshots kept (plus whatever LATEST points to)")
     use_gpu: bool = Field(True, description="train/add IVF indexes on GPUs when faiss-gpu sees one")
+    reuse_unchanged_shards: bool = Field(
+        True, description="a full build copies, byte for byte, every shard of the live snapshot whose categories "
+                          "and member rows are unchanged (same model version and index settings) instead of "
+                          "building it again")
     seed: int = 0
 
 

@@ -68,16 +68,26 @@ def expectation_name(config: dict[str, Any]) -> str:
 
 def load_suite(name: str, suites_dir: Path = SUITES_DIR) -> dict[str, Any]:
     """The suite `schemas/gx/<name>.json` as a dict, after checking GX can build it."""
-    path = Path(suites_dir) / f"{name}.json"
-    if not path.is_file():
-        raise SuiteError(f"expectation suite {path} not found (suites live in {suites_dir})")
+    path = _suite_path(name, suites_dir)
     return copy.deepcopy(_load_suite_file(path, path.stat().st_mtime_ns))
 
 
+def read_suite(name: str, suites_dir: Path = SUITES_DIR) -> dict[str, Any]:
+    """The suite as a dict, checked as JSON but not by GX (no GX import: for reading which
+    columns it names, or fingerprinting it)."""
+    path = _suite_path(name, suites_dir)
+    return copy.deepcopy(_read_suite_file(path, path.stat().st_mtime_ns))
+
+
+def _suite_path(name: str, suites_dir: Path) -> Path:
+    path = Path(suites_dir) / f"{name}.json"
+    if not path.is_file():
+        raise SuiteError(f"expectation suite {path} not found (suites live in {suites_dir})")
+    return path
+
+
 @functools.lru_cache(maxsize=16)
-def _load_suite_file(path: Path, mtime_ns: int) -> dict[str, Any]:
-    # Cached per file version: building GX's expectation objects to check a suite is not free,
-    # and a stage reads its suite more than once.
+def _read_suite_file(path: Path, mtime_ns: int) -> dict[str, Any]:
     try:
         suite = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
@@ -87,6 +97,14 @@ def _load_suite_file(path: Path, mtime_ns: int) -> dict[str, Any]:
     if repeated:
         raise SuiteError(f"{path}: expectations must be unique per type and column (quarantine reasons "
                          f"name them); repeated: {', '.join(repeated)}")
+    return suite
+
+
+@functools.lru_cache(maxsize=16)
+def _load_suite_file(path: Path, mtime_ns: int) -> dict[str, Any]:
+    # Cached per file version: building GX's expectation objects to check a suite is not free,
+    # and a stage reads its suite more than once.
+    suite = _read_suite_file(path, mtime_ns)
     _import_gx()
     from great_expectations.expectations.expectation_configuration import ExpectationConfiguration
 

@@ -81,6 +81,11 @@ class ValidateSettings(BaseModel):
     arrow_fallback_for_s3: bool = Field(
         False, description="For s3:// warehouses, read tables with boto3 on the driver and hand them to Spark "
                            "as Arrow instead of reading s3a:// paths (tests, small warehouses; no hadoop-aws).")
+    reuse_unchanged: bool = Field(
+        True, description="Reuse an earlier run's validation of a stage (suite results, quarantine, Data Docs) "
+                          "when that stage's inputs, its suite and these settings are unchanged, instead of "
+                          "running the suite again; the gates are still evaluated. Inputs are fingerprinted "
+                          "with pyarrow (pipelines/validation_memo.py); the report names the run reused.")
 
 
 @dataclass

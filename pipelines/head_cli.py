@@ -14,7 +14,7 @@ from pipelines.progress import console, make_progress
 
 
 def add_head_commands(sub) -> None:
-    from pipelines.head import HeadSettings
+    from pipelines.head_settings import HeadSettings
 
     defaults = HeadSettings()
     p = sub.add_parser(

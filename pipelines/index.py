@@ -970,6 +970,54 @@ def _staging_prefix(snapshot_prefix_: str) -> str:
     return snapshot_prefix_ + "_staging/"
 
 
+def _plan_members(members: pa.Table, plan: ShardPlan) -> pa.Table:
+    """The member rows (product -> canonical image) of one planned shard."""
+    rows = members.filter(pc.is_in(members.column("category"), value_set=pa.array(plan.categories)))
+    if plan.parts > 1:
+        shas = sorted(set(rows.column("sha256").to_pylist()))
+        mine = np.array_split(np.array(shas, dtype=object), plan.parts)[plan.part]
+        rows = rows.filter(pc.is_in(rows.column("sha256"), value_set=pa.array(mine.tolist(), type=pa.string())))
+    return rows
+
+
+def _members_digest(rows: pa.Table) -> str:
+    """Fingerprint of a shard's member rows, whatever their order: what the shard is built from
+    (with the model version, whose vectors are immutable, and the index settings)."""
+    import pandas as pd
+
+    frame = rows.to_pandas()
+    frame = frame.sort_values(list(frame.columns), kind="stable") if len(frame) else frame
+    hashed = pd.util.hash_pandas_object(frame, index=False).to_numpy() if len(frame) else np.zeros(0, np.uint64)
+    return hashlib.sha256(json.dumps(list(frame.columns)).encode() + hashed.tobytes()).hexdigest()
+
+
+def _unchanged_shards(storage: Storage, cfg: IndexSettings, version: str, plans: list[ShardPlan],
+                      digests: dict[str, str]):
+    """(live snapshot id, [(plan, its unchanged shard there)], dimension), or None: the shards of
+    the snapshot `LATEST` points to that have the same categories and member rows as a planned
+    shard, built with the same model version and index settings."""
+    from pipelines.publish import read_latest, read_manifest
+
+    pointer = read_latest(storage, cfg.name)
+    if pointer is None:
+        return None
+    previous_id = pointer["snapshot_id"]
+    build_key = snapshot_prefix(cfg.name, previous_id) + BUILD_FILE
+    build = json.loads(storage.read_text(build_key)) if storage.exists(build_key) else {}
+    ignore = {"keep_snapshots", "reuse_unchanged_shards", "min_recall", "use_gpu"}
+    if {k: v for k, v in (build.get("settings") or {}).items() if k not in ignore} != \
+            {k: v for k, v in cfg.model_dump().items() if k not in ignore}:
+        return None
+    previous = read_manifest(storage, cfg.name, previous_id)
+    if previous["model"]["version"] != version:
+        return None
+    by_content = {(tuple(s["categories"]), s.get("members_sha256")): s for s in previous["shards"]
+                  if s.get("members_sha256")}
+    kept = [(plan, by_content[(tuple(plan.categories), digests[plan.shard_id])]) for plan in plans
+            if (tuple(plan.categories), digests[plan.shard_id]) in by_content]
+    return (previous_id, kept, previous["dimension"]) if kept else None
+
+
 def build_index(settings: Settings, run_id: str | None = None, *, model: Any = None,
                 categories: Sequence[str] | None = None, cfg: IndexSettings | None = None,
                 runner: str = "spark", spark=None, snapshot_id: str | None = None) -> BuildResult:
@@ -1031,16 +1079,30 @@ def build_index(settings: Settings, run_id: str | None = None, *, model: Any = N
     if not plans and not reused:
         raise IndexBuildError(f"dedup run {run_id} has no images to index"
                               + (f" in categories {', '.join(sorted(categories))}" if categories else ""))
+    plan_rows = {plan.shard_id: _plan_members(members, plan) for plan in plans}
+    members_digests = {shard_id: _members_digest(rows) for shard_id, rows in plan_rows.items()}
+    if not categories and cfg.reuse_unchanged_shards:
+        unchanged = _unchanged_shards(storage, cfg, version, plans, members_digests)
+        if unchanged is not None:
+            previous_id, kept, previous_dimension = unchanged
+            reused = [shard for _, shard in kept]
+            kept_ids = {plan.shard_id for plan, _ in kept}
+            plans = [plan for plan in plans if plan.shard_id not in kept_ids]
+            # Rebuilt shards get ids the kept ones do not have (a kept shard keeps its id).
+            taken = {shard["shard_id"] for shard in reused}
+            number = 1 + max(int(s.rsplit("-", 1)[-1]) for s in taken) if taken else 0
+            for plan in plans:
+                if plan.shard_id in taken:
+                    new_id = f"shard-{number:04d}"
+                    number += 1
+                    plan_rows[new_id], members_digests[new_id] = plan_rows.pop(plan.shard_id), members_digests.pop(plan.shard_id)
+                    plan.shard_id = new_id
 
     staging = _staging_prefix(prefix)
     tasks: list[ShardTask | CopyTask] = []
     shard_shas: dict[str, pa.Array] = {}
     for plan in plans:
-        rows = members.filter(pc.is_in(members.column("category"), value_set=pa.array(plan.categories)))
-        if plan.parts > 1:
-            shas = sorted(set(rows.column("sha256").to_pylist()))
-            mine = np.array_split(np.array(shas, dtype=object), plan.parts)[plan.part]
-            rows = rows.filter(pc.is_in(rows.column("sha256"), value_set=pa.array(mine.tolist(), type=pa.string())))
+        rows = plan_rows[plan.shard_id]
         members_key = f"{staging}members-{plan.shard_id}.parquet"
         storage.write_table(members_key, rows)
         shard_shas[plan.shard_id] = pc.unique(rows.column("sha256"))
@@ -1074,6 +1136,8 @@ def build_index(settings: Settings, run_id: str | None = None, *, model: Any = N
     missing = sorted({sha for r in results for sha in r.get("missing_embeddings", [])})
     for shard in shards:
         shard.pop("missing_embeddings", None)
+        if "reused_from" not in shard and not missing:
+            shard["members_sha256"] = members_digests.get(shard["shard_id"])
     if missing:
         _quarantine_missing(storage, run_id, members, missing)
     dimensions = {s["dimension"] for s in shards if "dimension" in s} | (

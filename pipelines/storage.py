@@ -39,6 +39,7 @@ class Storage:
     def exists(self, key: str) -> bool: raise NotImplementedError
     def list(self, prefix: str = "") -> list[str]: raise NotImplementedError
     def list_dirs(self, prefix: str) -> list[str]: raise NotImplementedError
+    def list_versions(self, prefix: str) -> dict[str, str]: raise NotImplementedError  # key -> size + change tag
     def delete(self, key: str) -> None: raise NotImplementedError
     def upload_file(self, local_path: str | os.PathLike, key: str) -> None: raise NotImplementedError
     def download_file(self, key: str, local_path: str | os.PathLike) -> None: raise NotImplementedError
@@ -151,6 +152,14 @@ class LocalStorage(Storage):
                 if key.startswith(prefix.lstrip("/")):
                     keys.append(key)
         return sorted(keys)
+
+    def list_versions(self, prefix: str) -> dict[str, str]:
+        """Keys under `prefix` with their size and modification time: a changed file reads differently."""
+        versions = {}
+        for key in self.list(prefix):
+            stat = self._path(key).stat()
+            versions[key] = f"{stat.st_size}:{stat.st_mtime_ns}"
+        return versions
 
     def list_dirs(self, prefix: str) -> list[str]:
         base = self._path(prefix)
@@ -265,6 +274,12 @@ class S3Storage(Storage):
     def list(self, prefix: str = "") -> list[str]:
         strip = len(self.prefix) + 1 if self.prefix else 0
         return sorted(obj["Key"][strip:] for page in self._paginate(prefix) for obj in page.get("Contents", []))
+
+    def list_versions(self, prefix: str) -> dict[str, str]:
+        """Keys under `prefix` with their size and ETag (the content's digest for a plain upload)."""
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        return {obj["Key"][strip:]: f"{obj['Size']}:{obj.get('ETag', '')}"
+                for page in self._paginate(prefix) for obj in page.get("Contents", [])}
 
     def list_dirs(self, prefix: str) -> list[str]:
         prefix = prefix.rstrip("/") + "/"

@@ -66,11 +66,12 @@ import pyarrow.compute as pc
 from pipelines import layout
 from pipelines.config import Settings
 from pipelines.expectations import (CRITICAL, ExpectationOutcome, FailingRows, columns_read, expectation_name,
-                                    find_failing_rows, load_suite, no_failing_rows, row_checks, run_suite,
-                                    upload_folder)
+                                    find_failing_rows, load_suite, no_failing_rows, read_suite, row_checks,
+                                    run_suite, upload_folder)
 from pipelines.gates import (GateFailed, GateResult, ValidateSettings, category_drop_gate, crawl_failure_gate,
                              decode_failure_gate, expectations_gate, quarantine_rate_gate)
 from pipelines.storage import LocalStorage, S3Storage, Storage, open_storage
+from pipelines.validation_memo import digest, memo_key, parquet_keys, table_digest, values_digest
 from schemas.tables import IMAGE_STATE, MANIFEST, QUARANTINE
 
 STAGES = ("manifest", "images", "embeddings", "index")
@@ -201,11 +202,7 @@ def read_spark_table(spark, storage: Storage, key_or_prefix: str, schema: pa.Sch
     raise ValidationInputError(f"cannot read {storage.uri_for(key_or_prefix)} with Spark: unknown storage type")
 
 
-def _parquet_keys(storage: Storage, key_or_prefix: str) -> list[str]:
-    """The Parquet files of a table: one `.parquet` key (if it exists) or those under a prefix, sorted."""
-    if key_or_prefix.endswith(".parquet"):
-        return [key_or_prefix] if storage.exists(key_or_prefix) else []
-    return sorted(k for k in storage.list(key_or_prefix) if k.endswith(".parquet"))
+_parquet_keys = parquet_keys  # the Parquet files of a table: one `.parquet` key or those under a prefix, sorted
 
 
 def _rows_per_value(storage: Storage, key_or_prefix: str, column: str,
@@ -369,11 +366,17 @@ def _columns_to_validate(df, stage: str):
     """`df` with only the columns that validating `stage` reads (those its suite names, the
     row key, the columns copied into quarantine records): Parquet reads, and a cache, hold
     nothing else. The whole frame when the suite looks at every column."""
-    wanted = columns_read(load_suite(stage))
+    wanted = _validated_columns(stage)
     if wanted is None:
         return df
-    wanted = set(wanted) | set(ROW_KEYS[stage]) | set(_CARRIED)
     return df.select(*[c for c in df.columns if c in wanted])
+
+
+def _validated_columns(stage: str) -> set[str] | None:
+    """Columns validating `stage` reads (its suite's, the row key, those copied into quarantine
+    records); None when the suite looks at every column."""
+    wanted = columns_read(read_suite(stage))
+    return None if wanted is None else set(wanted) | set(ROW_KEYS[stage]) | set(_CARRIED)
 
 
 @dataclass
@@ -381,6 +384,69 @@ class _SuiteRun:
     outcomes: list[ExpectationOutcome]
     failing: FailingRows | None
     timings: dict[str, float] = field(default_factory=dict)
+    memo_key: str | None = None       # fingerprint of suite, settings and inputs (pipelines.validation_memo)
+    reused_from: str | None = None    # the run whose validation of the same inputs was reused
+
+
+@dataclass
+class _Memo:
+    key: str | None = None
+    source_run: str | None = None
+    source_report: dict[str, Any] | None = None
+
+    @property
+    def hit(self) -> bool:
+        return self.source_report is not None
+
+
+def _look_up(storage: Storage, run_id: str, stage: str, validation: ValidateSettings, data_digest,
+             extra: Any = None) -> _Memo:
+    """The memo key of this stage's inputs, and the earlier validation with the same key (this
+    run's own, on a rerun, or one of the five latest runs before it) if `validation.reuse_unchanged`.
+    `data_digest` is a callable computing the inputs' fingerprint; None, or one that fails,
+    means no key and no reuse."""
+    if data_digest is None:
+        return _Memo()
+    try:
+        settings = validation.model_dump(mode="json", exclude={"reuse_unchanged"})
+        key = memo_key(stage, read_suite(stage), settings, data_digest(), extra)
+    except Exception:  # noqa: BLE001 - an input that cannot be fingerprinted is validated normally
+        return _Memo()
+    if not validation.reuse_unchanged:
+        return _Memo(key)   # recorded, so that a later run may reuse this one
+    earlier = sorted((r for r in storage.list_dirs("reports") if r < run_id), reverse=True)[:5]
+    for candidate in [run_id, *earlier]:
+        report = _read_json(storage, report_key(candidate, stage))
+        if not report or (report.get("extra") or {}).get("memo_key") != key:
+            continue
+        if report.get("quarantine_key") and not storage.exists(report["quarantine_key"]):
+            continue
+        return _Memo(key, candidate, report)
+    return _Memo(key)
+
+
+def _reused_run(storage: Storage, run_id: str, stage: str, memo: _Memo) -> _SuiteRun:
+    """The suite results and failing rows of `memo.source_run`'s validation, its Data Docs copied
+    into this run's reports (GX and the row filters do not run)."""
+    started = time.perf_counter()
+    report, source = memo.source_report, memo.source_run
+    outcomes = [ExpectationOutcome(name=e["expectation"], type=e["type"], kwargs=e["kwargs"], severity=e["severity"],
+                                   row_level=e["row_level"], success=e["success"], result=e["result"],
+                                   exception=e.get("exception")) for e in report["expectations"]]
+    failing = None
+    if report.get("quarantine_key"):
+        table = storage.read_table(report["quarantine_key"], schema=QUARANTINE)
+        keep = [c for c in _CARRIED if c in table.column_names] + ["reason", "detail"]
+        failing = FailingRows(rows=table.select(keep), input_rows=int(report["accounting"]["input_rows"]),
+                              failures_per_expectation={e["expectation"]: e["rows_failing_in_spark"]
+                                                        for e in report["expectations"] if "rows_failing_in_spark" in e})
+    if source != run_id:
+        target, origin = docs_prefix(run_id, stage), docs_prefix(source, stage)
+        storage.delete_prefix(target)
+        for key in storage.list(origin):
+            storage.write_bytes(target + key[len(origin):], storage.read_bytes(key))
+    return _SuiteRun(outcomes, failing, {"reuse": round(time.perf_counter() - started, 3)},
+                     memo_key=memo.key, reused_from=source)
 
 
 def _run(spark, df, storage: Storage, run_id: str, stage: str, parameters: dict[str, Any],
@@ -512,8 +578,14 @@ def _new_result(storage: Storage, run_id: str, stage: str, parameters: dict[str,
                 extra: dict[str, Any] | None = None, warnings: list[str] | None = None,
                 explained: set[str] = frozenset()) -> StageValidation:
     failing = run.failing
+    extra = dict(extra or {})
+    if run.memo_key:
+        extra["memo_key"] = run.memo_key
+    if run.reused_from:
+        extra["reused_validation_of"] = run.reused_from
     if failing is not None:
-        warnings = (warnings or []) + _cross_check(stage, run.outcomes, failing)
+        if not run.reused_from:   # a reused result was cross-checked when it was made
+            warnings = (warnings or []) + _cross_check(stage, run.outcomes, failing)
         # Every input row either failed a check (one quarantine record) or passed: input = passed + quarantined.
         accounting = {"input_rows": failing.input_rows, "passed_rows": failing.input_rows - failing.quarantined,
                       "quarantined_rows": failing.quarantined,
@@ -526,7 +598,7 @@ def _new_result(storage: Storage, run_id: str, stage: str, parameters: dict[str,
         accounting=accounting, parameters=parameters, previous_successful_run=previous,
         quarantine_key=quarantine_key(run_id, stage) if failing is not None else None,
         report_key=report_key(run_id, stage), data_docs=f"{docs_prefix(run_id, stage)}index.html",
-        started_at=started_at, elapsed_s=round(time.monotonic() - started, 3), extra=extra or {},
+        started_at=started_at, elapsed_s=round(time.monotonic() - started, 3), extra=extra,
         timings_s=dict(run.timings))
 
 
@@ -569,15 +641,12 @@ def validate_manifest(settings: Settings, run_id: str, *, spark, validation: Val
         raise ValidationInputError(f"no manifest for run {run_id} at {storage.uri_for(layout.manifest_key(run_id))}: "
                                    f"run `catalog-index crawl --run-id {run_id}` first")
     previous = previous_successful_run(storage, run_id)
-    raw = read_spark_table(spark, storage, layout.manifest_key(run_id), MANIFEST,
-                           allow_arrow_fallback=validation.arrow_fallback_for_s3)
-    blank_is_null = {c: F.when(F.trim(F.col(c)) != "", F.trim(F.col(c)))
-                     for c in ("product_id", "category", "image_url") if c in raw.columns}
-    has_category = "category" in raw.columns
+    manifest_key = layout.manifest_key(run_id)
+    has_category = "category" in _parquet_column_names(storage, manifest_key)
     # Rows per category (blank read as null, as in the frame), counted from the Parquet column.
     # Known categories: the previous successful run's; on a first run, this manifest's own
     # (nothing to compare with).
-    per_category = _manifest_categories(storage, layout.manifest_key(run_id)) if has_category else {}
+    per_category = _manifest_categories(storage, manifest_key) if has_category else {}
     if not has_category:
         known = []
     elif previous and storage.exists(layout.manifest_key(previous)):
@@ -585,14 +654,23 @@ def validate_manifest(settings: Settings, run_id: str, *, spark, validation: Val
     else:
         known = sorted(c for c in per_category if c is not None)  # first run: nothing to compare with
     parameters = {"known_categories": known}
-    df, cached = _cached_if_worth_it(_columns_to_validate(raw.withColumns(blank_is_null), "manifest"), storage,
-                                     [layout.manifest_key(run_id)], validation)
-    try:
-        run = _run(spark, df, storage, run_id, "manifest", parameters, validation, quarantine_rows=True,
-                   input_rows=sum(per_category.values()) if has_category else None)
-    finally:
-        if cached:
-            df.unpersist()
+    memo = _look_up(storage, run_id, "manifest", validation, lambda: _rows_digest(storage, manifest_key, "manifest"),
+                    parameters)
+    if memo.hit:
+        run = _reused_run(storage, run_id, "manifest", memo)
+    else:
+        raw = read_spark_table(spark, storage, manifest_key, MANIFEST, allow_arrow_fallback=validation.arrow_fallback_for_s3)
+        blank_is_null = {c: F.when(F.trim(F.col(c)) != "", F.trim(F.col(c)))
+                         for c in ("product_id", "category", "image_url") if c in raw.columns}
+        df, cached = _cached_if_worth_it(_columns_to_validate(raw.withColumns(blank_is_null), "manifest"), storage,
+                                         [manifest_key], validation)
+        try:
+            run = _run(spark, df, storage, run_id, "manifest", parameters, validation, quarantine_rows=True,
+                       input_rows=sum(per_category.values()) if has_category else None)
+        finally:
+            if cached:
+                df.unpersist()
+        run.memo_key = memo.key
     new_categories = {c: n for c, n in sorted(per_category.items(), key=lambda kv: str(kv[0]))
                       if c is not None and c not in known}
     warnings = []
@@ -608,6 +686,42 @@ def validate_manifest(settings: Settings, run_id: str, *, spark, validation: Val
     result = _new_result(storage, run_id, "manifest", parameters, run, gates, previous, started, started_at, force,
                          extra, warnings, explained={"expect_column_values_to_be_in_set:category"})
     return _finish(storage, result, failing, force)
+
+
+def _parquet_column_names(storage: Storage, key_or_prefix: str) -> list[str]:
+    """Column names of a Parquet table (its first file's footer); [] when it has no files."""
+    import pyarrow.parquet as pq
+
+    keys = _parquet_keys(storage, key_or_prefix)
+    if not keys:
+        return []
+    with storage.open_input(keys[0]) as source:
+        return pq.ParquetFile(source).schema_arrow.names
+
+
+def _rows_digest(storage: Storage, key_or_prefix: str, stage: str,
+                 where: tuple[str, tuple[str, ...]] | None = None, ignore: tuple[str, ...] = ()) -> str:
+    """Fingerprint of the rows validating `stage` reads from a table (see pipelines.validation_memo),
+    less `ignore` (columns only copied into quarantine records, refreshed on reuse)."""
+    columns = _validated_columns(stage)
+    if columns is None:
+        columns = set(_parquet_column_names(storage, key_or_prefix))
+    return table_digest(storage, key_or_prefix, sorted(set(columns) - set(ignore)), sort_by=ROW_KEYS[stage],
+                        where=where)
+
+
+def _with_current_values(failing: FailingRows, storage: Storage, key_or_prefix: str, keys: list[str],
+                         columns: list[str]) -> FailingRows:
+    """A reused quarantine with `columns` taken from this run's table (matched on `keys`): a night
+    whose images all came back 304 quarantines them with this night's HTTP status, not the
+    earlier night's."""
+    rows = failing.rows
+    if rows.num_rows == 0 or not all(c in rows.column_names for c in keys + columns):
+        return failing
+    current = storage.read_table(key_or_prefix, columns=keys + columns).to_pandas().drop_duplicates(keys)
+    merged = rows.drop_columns(columns).to_pandas().merge(current, on=keys, how="left")
+    refreshed = pa.Table.from_pandas(merged[rows.column_names], schema=rows.schema, preserve_index=False)
+    return FailingRows(refreshed, failing.failures_per_expectation, failing.input_rows)
 
 
 def _manifest_categories(storage: Storage, manifest_key: str) -> dict[str | None, int]:
@@ -659,17 +773,24 @@ def validate_images(settings: Settings, run_id: str, *, spark, validation: Valid
                   "min_aspect_ratio": validation.min_aspect_ratio, "max_aspect_ratio": validation.max_aspect_ratio,
                   "allowed_formats": list(validation.allowed_formats), "min_bytes": validation.min_bytes,
                   "max_bytes": validation.max_bytes}
-    live_per_category = _rows_per_value(storage, layout.crawl_state_prefix(run_id), "category",
-                                        where=("status", LIVE_STATUSES))
-    df, cached = _cached_if_worth_it(_columns_to_validate(_live_images(spark, storage, run_id, validation), "images"),
-                                     storage, [layout.crawl_state_prefix(run_id)], validation)
-    try:
-        run = _run(spark, df, storage, run_id, "images", parameters, validation, quarantine_rows=True,
-                   input_rows=sum(live_per_category.values()))
-        previous_counts = _valid_images_per_category(storage, previous) if previous else None
-    finally:
-        if cached:
-            df.unpersist()
+    state_prefix = layout.crawl_state_prefix(run_id)
+    live_per_category = _rows_per_value(storage, state_prefix, "category", where=("status", LIVE_STATUSES))
+    memo = _look_up(storage, run_id, "images", validation, lambda: _rows_digest(
+        storage, state_prefix, "images", where=("status", LIVE_STATUSES), ignore=("http_status",)))
+    if memo.hit:
+        run = _reused_run(storage, run_id, "images", memo)
+        run.failing = _with_current_values(run.failing, storage, state_prefix, ROW_KEYS["images"], ["http_status"])
+    else:
+        df, cached = _cached_if_worth_it(_columns_to_validate(_live_images(spark, storage, run_id, validation),
+                                                              "images"), storage, [state_prefix], validation)
+        try:
+            run = _run(spark, df, storage, run_id, "images", parameters, validation, quarantine_rows=True,
+                       input_rows=sum(live_per_category.values()))
+        finally:
+            if cached:
+                df.unpersist()
+        run.memo_key = memo.key
+    previous_counts = _valid_images_per_category(storage, previous) if previous else None
     failing = run.failing
     rejected = _value_counts(failing.rows.column("category")) if failing.quarantined else {}
     valid_per_category = {c: n - rejected.get(c, 0) for c, n in sorted(live_per_category.items())}
@@ -728,6 +849,13 @@ def _default_canonical(spark, storage: Storage, run_id: str, validation: Validat
 
 def _default_embeddings(spark, storage: Storage, run_id: str, model_version: str | None, validation: ValidateSettings):
     """The embeddings cache of the run's model version (from the embed stage's summary)."""
+    model_version = _embedded_model_version(storage, run_id, model_version)
+    return read_spark_table(spark, storage, embeddings_prefix(model_version),
+                            allow_arrow_fallback=validation.arrow_fallback_for_s3), model_version
+
+
+def _embedded_model_version(storage: Storage, run_id: str, model_version: str | None) -> str:
+    """The model version whose vectors the run's embeddings validation reads, checked to have some."""
     if model_version is None:
         summary = _read_json(storage, embed_success_key(run_id))
         if summary is not None:
@@ -743,8 +871,25 @@ def _default_embeddings(spark, storage: Storage, run_id: str, model_version: str
     if not any(k.endswith(".parquet") for k in storage.list(embeddings_prefix(model_version))):
         raise ValidationInputError(f"no embeddings at {storage.uri_for(embeddings_prefix(model_version))}: "
                                    f"run the embed stage first")
-    return read_spark_table(spark, storage, embeddings_prefix(model_version),
-                            allow_arrow_fallback=validation.arrow_fallback_for_s3), model_version
+    return model_version
+
+
+def _canonical_digest(storage: Storage, run_id: str, pairs: bool = False) -> str:
+    """Fingerprint of the canonical images the run embeds (with `pairs`, of the (category,
+    canonical image) pairs the index holds) and of what the quarantines took out of them."""
+    import pyarrow.parquet as pq
+
+    if not storage.exists(dedup_images_key(run_id)):
+        raise ValidationInputError("no dedup output to fingerprint")   # validated normally
+    with storage.open_input(dedup_images_key(run_id)) as source:
+        dedup = pq.ParquetFile(source).read(columns=["category", "canonical_sha256"])
+    if pairs:
+        values = {f"{c}\t{s}" for c, s in zip(dedup.column("category").to_pylist(), dedup.column("canonical_sha256").to_pylist())}
+        excluded = _excluded_before_embedding(storage, run_id) | quarantined_sha256s(storage, run_id, "embeddings")
+    else:
+        values = set(dedup.column("canonical_sha256").to_pylist())
+        excluded = _excluded_before_embedding(storage, run_id)
+    return f"{values_digest(values)}-{values_digest(excluded)}"
 
 
 @_with_query_settings
@@ -764,22 +909,35 @@ def validate_embeddings(settings: Settings, run_id: str, *, spark, embeddings=No
     started, started_at = time.monotonic(), _now_iso()
     validation = _validation_settings(settings, validation)
     storage = open_storage(settings.warehouse, settings.s3)
-    if embeddings is None:
-        embeddings, model_version = _default_embeddings(spark, storage, run_id, model_version, validation)
-    if canonical is None:
-        canonical = _default_canonical(spark, storage, run_id, validation)
-    df = _columns_to_validate(_embedding_frame(embeddings, canonical, model_version), "embeddings").cache()
-    try:
-        dims = {r["dim"]: r["count"] for r in df.groupBy("dim").count().collect()}
-        canonical_images = df.select(F.countDistinct("sha256")).first()[0]
-        embedding_dim = validation.embedding_dim or max(
-            (d for d in dims if d is not None), key=lambda d: dims[d], default=0)
-        parameters = {"canonical_images": canonical_images, "embedding_dim": embedding_dim,
-                      "min_norm": 1 - validation.norm_tolerance, "max_norm": 1 + validation.norm_tolerance}
-        run = _run(spark, df, storage, run_id, "embeddings", parameters, validation, quarantine_rows=True,
-                   input_rows=sum(dims.values()))
-    finally:
-        df.unpersist()
+    memo = _Memo()
+    if embeddings is None and canonical is None:
+        model_version = _embedded_model_version(storage, run_id, model_version)
+        memo = _look_up(storage, run_id, "embeddings", validation, lambda: (
+            f"{model_version}:{values_digest(storage.list_versions(embeddings_prefix(model_version)).items())}:"
+            f"{_canonical_digest(storage, run_id)}"))
+    if memo.hit:
+        run = _reused_run(storage, run_id, "embeddings", memo)
+        parameters = memo.source_report["parameters"]
+        dims = {(None if k == "None" else int(k)): v
+                for k, v in memo.source_report["extra"]["dimensions_seen"].items()}
+    else:
+        if embeddings is None:
+            embeddings, model_version = _default_embeddings(spark, storage, run_id, model_version, validation)
+        if canonical is None:
+            canonical = _default_canonical(spark, storage, run_id, validation)
+        df = _columns_to_validate(_embedding_frame(embeddings, canonical, model_version), "embeddings").cache()
+        try:
+            dims = {r["dim"]: r["count"] for r in df.groupBy("dim").count().collect()}
+            canonical_images = df.select(F.countDistinct("sha256")).first()[0]
+            embedding_dim = validation.embedding_dim or max(
+                (d for d in dims if d is not None), key=lambda d: dims[d], default=0)
+            parameters = {"canonical_images": canonical_images, "embedding_dim": embedding_dim,
+                          "min_norm": 1 - validation.norm_tolerance, "max_norm": 1 + validation.norm_tolerance}
+            run = _run(spark, df, storage, run_id, "embeddings", parameters, validation, quarantine_rows=True,
+                       input_rows=sum(dims.values()))
+        finally:
+            df.unpersist()
+        run.memo_key = memo.key
     failing = run.failing
     gates = [expectations_gate("embeddings", _batch_failures(run.outcomes, include_row_level=False)),
              quarantine_rate_gate("embeddings", failing.quarantined, failing.input_rows, validation)]
@@ -865,22 +1023,32 @@ def validate_index(settings: Settings, run_id: str, *, spark, shard_stats=None, 
     validation = _validation_settings(settings, validation)
     storage = open_storage(settings.warehouse, settings.s3)
     extra = {}
+    memo = _Memo()
     if shard_stats is None:
         build_key, build = _find_build(storage, run_id)
         shard_stats, extra["build"] = build["shards"], build_key
-    if expected_vectors is None:
-        expected_vectors = _expected_vectors(spark, storage, run_id, validation,
-                                             shard_stats if isinstance(shard_stats, list) else [])
-    if isinstance(shard_stats, list):
-        shard_stats = spark.createDataFrame([tuple(r.values()) for r in shard_rows(shard_stats)],
-                                            "shard string, vector_count long, recall_at_10 double")
-    df = shard_stats.cache()
-    try:
-        parameters = {"expected_vectors": int(expected_vectors), "min_recall_at_10": validation.min_recall_at_10}
-        run = _run(spark, df, storage, run_id, "index", parameters, validation, quarantine_rows=False)
-        shards = df.count()
-    finally:
-        df.unpersist()
+        if expected_vectors is None:
+            memo = _look_up(storage, run_id, "index", validation, lambda: (
+                f"{digest(shard_rows(shard_stats), [s.get('categories') for s in shard_stats])}:"
+                f"{_canonical_digest(storage, run_id, pairs=True)}"))
+    if memo.hit:
+        run = _reused_run(storage, run_id, "index", memo)
+        parameters, shards = memo.source_report["parameters"], int(memo.source_report["accounting"]["input_rows"])
+    else:
+        if expected_vectors is None:
+            expected_vectors = _expected_vectors(spark, storage, run_id, validation,
+                                                 shard_stats if isinstance(shard_stats, list) else [])
+        if isinstance(shard_stats, list):
+            shard_stats = spark.createDataFrame([tuple(r.values()) for r in shard_rows(shard_stats)],
+                                                "shard string, vector_count long, recall_at_10 double")
+        df = shard_stats.cache()
+        try:
+            parameters = {"expected_vectors": int(expected_vectors), "min_recall_at_10": validation.min_recall_at_10}
+            run = _run(spark, df, storage, run_id, "index", parameters, validation, quarantine_rows=False)
+            shards = df.count()
+        finally:
+            df.unpersist()
+        run.memo_key = memo.key
     gates = [expectations_gate("index", _batch_failures(run.outcomes, include_row_level=True))]
     result = _new_result(storage, run_id, "index", parameters, run, gates, previous_successful_run(storage, run_id),
                          started, started_at, force, extra)

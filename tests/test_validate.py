@@ -32,7 +32,7 @@ pytestmark = pytest.mark.spark
 
 THRESHOLDS = ValidateSettings(max_crawl_failure_rate=0.2, category_drop_min_previous=1, min_bytes=10,
                               max_quarantine_rate={"manifest": 0.2, "images": 0.2, "embeddings": 0.0},
-                              embedding_dim=8)
+                              embedding_dim=8, reuse_unchanged=False)   # these tests validate the same runs again
 
 
 # ---------------------------------------------------------------------------------------
@@ -492,3 +492,92 @@ def test_tables_are_read_with_the_schema_spark_would_infer(nights, spark, tmp_pa
     naive = tmp_path / "naive.parquet"
     pq.write_table(pa.table({"t": pa.array([0], pa.timestamp("us"))}), naive)
     assert _spark_schema_from_footer(str(naive)) is None
+
+
+# ---------------------------------------------------------------------------------------
+# unchanged inputs: an earlier validation is reused, the gates still run
+# ---------------------------------------------------------------------------------------
+
+NIGHT1_AGAIN = "20261101T150000Z"   # after night 1, before night 2: its previous successful run is night 1
+REUSE = THRESHOLDS.model_copy(update={"reuse_unchanged": True})
+
+
+@pytest.fixture
+def night1_again(nights):
+    """A night whose crawl found exactly night 1's catalog (its run files copied); removed afterwards."""
+    settings, *_ = nights
+    storage = open_storage(settings.warehouse)
+    for key in storage.list(f"runs/{NIGHT1}/"):
+        storage.write_bytes(f"runs/{NIGHT1_AGAIN}/{key[len(f'runs/{NIGHT1}/'):]}", storage.read_bytes(key))
+    yield settings, storage
+    for prefix in (f"runs/{NIGHT1_AGAIN}/", f"reports/{NIGHT1_AGAIN}/", f"quarantine/{NIGHT1_AGAIN}/"):
+        storage.delete_prefix(prefix)
+
+
+def _counting_suite_runs(monkeypatch) -> list:
+    import pipelines.validate as validate_module
+
+    calls, real = [], validate_module.run_suite
+    monkeypatch.setattr(validate_module, "run_suite", lambda *a, **k: calls.append(k.get("asset_name")) or real(*a, **k))
+    return calls
+
+
+def test_unchanged_inputs_reuse_the_earlier_validation_and_the_gates_still_run(night1_again, spark, monkeypatch):
+    settings, storage = night1_again
+    night1 = {stage: validate_stage(settings, NIGHT1, stage, spark=spark, validation=THRESHOLDS)
+              for stage in ("manifest", "images")}
+    # As a night of conditional requests would record it: every image 304 Not Modified.
+    for key in [k for k in storage.list(layout.crawl_state_prefix(NIGHT1_AGAIN)) if k.endswith(".parquet")]:
+        state = storage.read_table(key)
+        at = state.schema.get_field_index("http_status")
+        storage.write_table(key, state.set_column(at, "http_status", pa.array(
+            [304 if s is not None else None for s in state.column("http_status").to_pylist()], state.schema.field(at).type)))
+    calls = _counting_suite_runs(monkeypatch)
+    again = {stage: validate_stage(settings, NIGHT1_AGAIN, stage, spark=spark, validation=REUSE)
+             for stage in ("manifest", "images")}
+    assert calls == []                                   # Great Expectations did not run again
+    for stage, result in again.items():
+        assert result.extra["reused_validation_of"] == NIGHT1, stage
+        assert result.extra["memo_key"] == night1[stage].extra["memo_key"]
+        assert result.outcome == "passed", stage
+        assert result.accounting == night1[stage].accounting, (stage, result.accounting, night1[stage].accounting)
+        assert [(e["expectation"], e["success"]) for e in result.expectations] == \
+            [(e["expectation"], e["success"]) for e in night1[stage].expectations]
+        docs = storage.root / layout.reports_prefix(NIGHT1_AGAIN) / "gx" / stage / "index.html"
+        assert docs.is_file(), stage                     # the Data Docs are in this night's reports too
+    # The gates are this night's own: they read its crawl summary and compare with its previous run.
+    images = again["images"]
+    assert {g.name for g in images.gates} == {"crawl_failure_rate", "decode_failure_rate", "category_drop",
+                                              "images_checks", "quarantine_rate"}
+    assert next(g for g in images.gates if g.name == "category_drop").details.get("previous_run") == NIGHT1
+    # The quarantine is this night's: the banner again, under this run id.
+    [row] = storage.read_table(quarantine_key(NIGHT1_AGAIN, "images")).to_pylist()
+    assert (row["product_id"], row["run_id"], row["http_status"]) == ("t9", NIGHT1_AGAIN, 304)
+    assert row["reason"] == "expect_column_values_to_be_between:height" and "height=20" in row["detail"]
+    report = json.loads(storage.read_text(report_key(NIGHT1_AGAIN, "images")))
+    assert report["extra"]["reused_validation_of"] == NIGHT1 and report["run_id"] == NIGHT1_AGAIN
+
+
+def test_a_changed_row_or_setting_is_validated_again(night1_again, spark, monkeypatch):
+    settings, storage = night1_again
+    validate_stage(settings, NIGHT1, "images", spark=spark, validation=THRESHOLDS)
+    calls = _counting_suite_runs(monkeypatch)
+    stricter = REUSE.model_copy(update={"min_width": 64})
+    assert validate_stage(settings, NIGHT1_AGAIN, "images", spark=spark, validation=stricter
+                          ).extra.get("reused_validation_of") is None
+    assert calls == ["images"]
+
+    # One image of the night is now 8 px wide: the fingerprint changes, GX runs, and quarantines it.
+    prefix = layout.crawl_state_prefix(NIGHT1_AGAIN)
+    [key] = [k for k in storage.list(prefix) if k.endswith(".parquet") and "t1" in
+             storage.read_table(k, columns=["product_id"]).column("product_id").to_pylist()]
+    state = storage.read_table(key)
+    widths = [8 if p == "t1" else w for p, w in zip(state.column("product_id").to_pylist(),
+                                                  state.column("width").to_pylist())]
+    storage.write_table(key, state.set_column(state.schema.get_field_index("width"), "width",
+                                              pa.array(widths, state.schema.field("width").type)))
+    result = validate_stage(settings, NIGHT1_AGAIN, "images", spark=spark, validation=REUSE)
+    assert calls == ["images", "images"] and result.extra.get("reused_validation_of") is None
+    assert result.accounting["quarantined_rows"] == 2
+    assert sorted(r["product_id"] for r in storage.read_table(quarantine_key(NIGHT1_AGAIN, "images")).to_pylist()) \
+        == ["t1", "t9"]
