@@ -32,6 +32,7 @@ import functools
 import json
 import logging
 import math
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,14 +177,20 @@ def is_row_level(config: dict[str, Any]) -> bool:
 # running GX on Spark, with Data Docs
 # ---------------------------------------------------------------------------------------
 
+_GX_IMPORT = threading.Lock()
+
+
 def _import_gx():
     # GX logs every metric it could not compute at WARNING, which drowns the CLI output;
     # its results carry the same information.
     logging.getLogger("great_expectations").setLevel(logging.ERROR)
-    import great_expectations  # noqa: F401  (first import takes seconds: do it once, here)
+    # One thread at a time (stages are validated side by side): two threads importing GX's
+    # circularly-importing packages at once can see each other's half-initialised modules.
+    with _GX_IMPORT:
+        import great_expectations  # noqa: F401  (first import takes seconds: do it once, here)
 
-    _skip_unrequested_failing_values()
-    _stable_metric_bundles()
+        _skip_unrequested_failing_values()
+        _stable_metric_bundles()
 
 
 @functools.cache

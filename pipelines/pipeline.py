@@ -62,10 +62,9 @@ def _dedup(ctx: RunContext):
 
 
 def _validate(ctx: RunContext, stages: tuple[str, ...]):
-    from pipelines.validate import validate_stage
+    from pipelines.validate import validate_stages
 
-    return {stage: validate_stage(ctx.settings, ctx.run_id, stage, spark=ctx.session(), force=ctx.force)
-            for stage in stages}
+    return validate_stages(ctx.settings, ctx.run_id, stages, spark=ctx.session(), force=ctx.force)
 
 
 def _embed(ctx: RunContext):

@@ -581,3 +581,25 @@ def test_a_changed_row_or_setting_is_validated_again(night1_again, spark, monkey
     assert result.accounting["quarantined_rows"] == 2
     assert sorted(r["product_id"] for r in storage.read_table(quarantine_key(NIGHT1_AGAIN, "images")).to_pylist()) \
         == ["t1", "t9"]
+
+
+def test_stages_validated_side_by_side_all_report_then_the_stop_is_raised(nights, spark):
+    """The pipeline validates manifest and images at the same time: a gate that trips in one does
+    not keep the other from being validated and reported, and the session's settings come back."""
+    from pipelines.validate import validate_stages
+
+    settings, *_ = nights
+    storage = open_storage(settings.warehouse)
+    for stage in ("manifest", "images"):
+        storage.delete(report_key(NIGHT2, stage)) if storage.exists(report_key(NIGHT2, stage)) else None
+    conf = spark.conf
+    before = (conf.get("spark.sql.adaptive.enabled"), conf.get("spark.sql.shuffle.partitions"))
+    with pytest.raises(GateFailed) as caught:
+        validate_stages(settings, NIGHT2, ["manifest", "images"], spark=spark, validation=THRESHOLDS)
+    assert caught.value.stage == "images" and caught.value.run_id == NIGHT2
+    outcomes = {stage: json.loads(storage.read_text(report_key(NIGHT2, stage)))["outcome"]
+                for stage in ("manifest", "images")}
+    assert outcomes == {"manifest": "passed", "images": "stopped"}
+    assert (conf.get("spark.sql.adaptive.enabled"), conf.get("spark.sql.shuffle.partitions")) == before
+    results = validate_stages(settings, NIGHT2, ["manifest", "images"], spark=spark, validation=THRESHOLDS, force=True)
+    assert [(s, r.outcome) for s, r in results.items()] == [("manifest", "passed"), ("images", "forced")]
