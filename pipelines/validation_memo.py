@@ -80,6 +80,16 @@ def values_digest(values: Iterable[Any]) -> str:
 
 
 def memo_key(stage: str, suite: dict[str, Any], settings: dict[str, Any], data: str, extra: Any = None) -> str:
-    """What must match for a stage's earlier validation to be reused."""
+    """What must match for a stage's earlier validation to be reused (with the installed Great
+    Expectations release: an upgrade may judge the same rows differently)."""
     return digest({"memo_version": MEMO_VERSION, "stage": stage, "suite": suite, "settings": settings,
-                   "data": data, "extra": extra})
+                   "data": data, "extra": extra, "great_expectations": _gx_release()})
+
+
+def _gx_release() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("great_expectations")
+    except PackageNotFoundError:
+        return "unknown"
