@@ -983,12 +983,9 @@ def _plan_members(members: pa.Table, plan: ShardPlan) -> pa.Table:
 def _members_digest(rows: pa.Table) -> str:
     """Fingerprint of a shard's member rows, whatever their order: what the shard is built from
     (with the model version, whose vectors are immutable, and the index settings)."""
-    import pandas as pd
+    from pipelines.validation_memo import rows_digest
 
-    frame = rows.to_pandas()
-    frame = frame.sort_values(list(frame.columns), kind="stable") if len(frame) else frame
-    hashed = pd.util.hash_pandas_object(frame, index=False).to_numpy() if len(frame) else np.zeros(0, np.uint64)
-    return hashlib.sha256(json.dumps(list(frame.columns)).encode() + hashed.tobytes()).hexdigest()
+    return rows_digest(rows, rows.column_names)
 
 
 def _unchanged_shards(storage: Storage, cfg: IndexSettings, version: str, plans: list[ShardPlan],

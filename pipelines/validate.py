@@ -1089,8 +1089,8 @@ def validate_stages(settings: Settings, run_id: str, stages: list[str] | tuple[s
     order) is raised."""
     if callable(spark):
         spark = spark()
+    layout.check_run_id(run_id)
     for stage in stages:
-        layout.check_run_id(run_id)
         if stage not in _VALIDATORS:
             raise ValidationInputError(f"unknown stage {stage!r}: choose one of {', '.join(STAGES)}")
     together = [s for s in stages if s in _CONCURRENT]

@@ -64,9 +64,14 @@ def table_digest(storage: Storage, key_or_prefix: str, columns: Iterable[str], *
     names = sorted({tuple(t.column_names) for t in tables})
     if len(names) != 1:
         return digest("mixed-schemas", [list(n) for n in names])   # no reuse across a schema change
-    table = pa.concat_tables(tables)
+    return rows_digest(pa.concat_tables(tables), sort_by)
+
+
+def rows_digest(table: pa.Table, sort_by: list[str]) -> str:
+    """Digest of a table's rows (column names and types included), sorted by `sort_by` first so
+    that row order does not matter."""
     keys = [(c, "ascending") for c in sort_by if c in table.column_names]
-    if keys:
+    if keys and table.num_rows:
         table = table.sort_by(keys)
     frame = table.to_pandas()
     hashed = pd.util.hash_pandas_object(frame, index=False).to_numpy() if len(frame) else b""
