@@ -34,6 +34,26 @@ def read_profile(profile: str) -> dict[str, str]:
     return conf
 
 
+def session_conf(settings: Settings, *, under_submit: bool = False) -> dict[str, str]:
+    """The Spark conf a job's own session starts with: the profile file, then settings.spark.conf.
+
+    Under spark-submit only settings.spark.conf: its --master/--properties-file/--conf decide, and a
+    value set here would override them (the driver JVM already runs, executors' Java options are
+    the cluster's)."""
+    if under_submit:
+        return dict(settings.spark.conf)
+    conf = {**read_profile(settings.spark.profile), **settings.spark.conf}
+    log4j = INFRA_SPARK / "log4j2.properties"
+    if log4j.is_file():
+        # Keep Spark's own INFO/WARN chatter out of the user's terminal: appended to the profile's
+        # own Java options (JIT flags in local.conf), unless they name a log4j configuration.
+        for key in ("spark.driver.extraJavaOptions", "spark.executor.extraJavaOptions"):
+            options = conf.get(key, "")
+            if "-Dlog4j.configurationFile=" not in options:
+                conf[key] = f"{options} -Dlog4j.configurationFile=file:{log4j}".strip()
+    return conf
+
+
 def get_spark(settings: Settings, app_name: str):
     """The active SparkSession (spark-submit) or a new one from settings.spark."""
     from pyspark.sql import SparkSession
@@ -45,18 +65,10 @@ def get_spark(settings: Settings, app_name: str):
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
     builder = SparkSession.builder.appName(app_name)
-    if "PYSPARK_GATEWAY_PORT" in os.environ:
-        # Under spark-submit its --master/--properties-file/--conf decide: a value set here would
-        # override them (the driver JVM already runs, and executors' Java options are the cluster's).
-        conf = dict(settings.spark.conf)
-    else:
+    under_submit = "PYSPARK_GATEWAY_PORT" in os.environ
+    if not under_submit:
         builder = builder.master(settings.spark.master)
-        conf = {**read_profile(settings.spark.profile), **settings.spark.conf}
-        log4j = INFRA_SPARK / "log4j2.properties"
-        if log4j.is_file():
-            # Keep Spark's own INFO/WARN chatter out of the user's terminal.
-            conf.setdefault("spark.driver.extraJavaOptions", f"-Dlog4j.configurationFile=file:{log4j}")
-            conf.setdefault("spark.executor.extraJavaOptions", f"-Dlog4j.configurationFile=file:{log4j}")
+    conf = session_conf(settings, under_submit=under_submit)
     for key, value in conf.items():
         builder = builder.config(key, value)
     spark = builder.getOrCreate()

@@ -45,3 +45,20 @@ def test_dedup_defaults_are_the_tuned_constants():
 
     dedup = load_settings().dedup
     assert (dedup.max_distance, dedup.confirm_threshold) == (CANDIDATE_MAX_DISTANCE, CONFIRMATION_THRESHOLD)
+
+
+def test_spark_profile_java_options_reach_the_jvm_with_the_log4j_configuration(spark):
+    """local.conf's JIT flag and the quiet log4j configuration both reach the session's JVM: a
+    profile that sets Java options must not lose the log4j file (Spark's INFO chatter would
+    flood the terminal), and a user's own log4j option wins over ours."""
+    from pipelines.spark import INFRA_SPARK, session_conf
+
+    jvm_args = list(spark._jvm.java.lang.management.ManagementFactory.getRuntimeMXBean().getInputArguments())
+    assert "-XX:TieredStopAtLevel=1" in jvm_args
+    assert f"-Dlog4j.configurationFile=file:{INFRA_SPARK / 'log4j2.properties'}" in jvm_args
+
+    mine = "-Dlog4j.configurationFile=file:/etc/mine.properties"
+    conf = session_conf(load_settings(spark={"conf": {"spark.driver.extraJavaOptions": f"-Xss4m {mine}"}}))
+    assert conf["spark.driver.extraJavaOptions"] == f"-Xss4m {mine}"
+    assert "log4j2.properties" in conf["spark.executor.extraJavaOptions"]
+    assert session_conf(load_settings(spark={"conf": {"a": "b"}}), under_submit=True) == {"a": "b"}
