@@ -5,6 +5,7 @@ Nothing here sends traffic outside 127.0.0.0/8.
 from __future__ import annotations
 
 import io
+import logging
 import os
 import socket
 import subprocess
@@ -116,3 +117,6 @@ def spark():
     session = get_spark(settings, "catalog-index-tests")
     yield session
     session.stop()
+    # py4j logs "Closing down clientserver connection" at INFO from a __del__ at interpreter exit;
+    # after Airflow's tests set up logging at INFO, that lands on a closed stream as a traceback.
+    logging.getLogger("py4j").setLevel(logging.WARNING)
