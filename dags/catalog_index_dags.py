@@ -60,7 +60,7 @@ def _settings_overrides(params: dict) -> dict:
 def run_stage_in_process(stage: str, params: dict, run_id: str) -> dict:
     """Run one stage here (local Spark); returns a small JSON-able summary for XCom."""
     from pipelines.config import load_settings
-    from pipelines.pipeline import PipelineStopped, RunContext, run_stage
+    from pipelines.pipeline import PipelineStopped, RunContext, finish_run, run_stage
     from pipelines.spark import get_spark
 
     settings = load_settings(**_settings_overrides(params))
@@ -73,13 +73,7 @@ def run_stage_in_process(stage: str, params: dict, run_id: str) -> dict:
 
         raise AirflowFailException(str(exc)) from exc  # a gate is not retried: it needs a person
     if stage == "publish":
-        from pipelines.report import build_report, search_samples_or_note, snapshot_summary
-        from pipelines.storage import open_storage
-
-        build_report(open_storage(settings.warehouse, settings.s3), run_id,
-                     extra={"snapshot": snapshot_summary(result.manifest), "categories": ctx.categories,
-                            "forced": ctx.force},
-                     search_samples=search_samples_or_note(settings, run_id, result.manifest["index_name"]))
+        finish_run(settings, run_id, published_manifest=result.manifest, categories=ctx.categories, forced=ctx.force)
     return {"stage": stage, "run_id": run_id, "result": str(result)[:2000]}
 
 

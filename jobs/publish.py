@@ -16,9 +16,9 @@ COMMAND = "publish"  # this job runs `catalog-index publish`, then writes the ru
 
 def write_run_report(argv: list[str]) -> None:
     """The run report of the run just published, with the snapshot LATEST now points to."""
-    from pipelines.index_cli import _index_settings, _storage
-    from pipelines.publish import read_latest, read_manifest
-    from pipelines.report import build_report, search_samples_or_note, snapshot_summary
+    from pipelines.cli.index import _index_settings, _storage
+    from pipelines.pipeline import finish_run
+    from pipelines.snapshot import read_latest, read_manifest
 
     args = build_parser().parse_args([COMMAND, *argv])
     if not args.run_id:
@@ -26,8 +26,7 @@ def write_run_report(argv: list[str]) -> None:
     settings, cfg = _index_settings(args)
     storage = _storage(settings)
     manifest = read_manifest(storage, cfg.name, read_latest(storage, cfg.name)["snapshot_id"])
-    build_report(storage, args.run_id, extra={"snapshot": snapshot_summary(manifest)},
-                 search_samples=search_samples_or_note(settings, args.run_id, cfg.name))
+    finish_run(settings, args.run_id, published_manifest=manifest)
 
 
 def run(argv: list[str]) -> int:

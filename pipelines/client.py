@@ -34,15 +34,16 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from pipelines.config import S3Settings
-from pipelines.index import MODEL_PCA_PATH, apply_search_params, snapshot_prefix
-from pipelines.publish import (MANIFEST_FILE, SnapshotVerificationError, read_latest, sha256_of_file,
-                               validate_manifest)
+from pipelines.errors import UsageError
+from pipelines.layout import snapshot_prefix
+from pipelines.snapshot import (MANIFEST_FILE, MODEL_PCA_PATH, SnapshotVerificationError, apply_search_params,
+                                read_latest, sha256_of_file, validate_manifest)
 from pipelines.storage import StorageError, open_storage
 
 VERIFIED_MARKER = ".verified"
 
 
-class SnapshotError(ValueError):
+class SnapshotError(UsageError):
     """A snapshot cannot be pulled or opened; the message says what to do."""
 
 
@@ -364,7 +365,7 @@ class SnapshotClient:
 
 def model_spec_from_manifest(model_info: dict, snapshot_dir: Path):
     """Rebuild the ModelSpec a snapshot was built with; refuse if this installation gives other vectors."""
-    from pipelines.model import ModelSpec, PcaProjection, Preprocessing, model_version
+    from pipelines.embed.model import ModelSpec, PcaProjection, Preprocessing, model_version
 
     if not model_info.get("weights_sha256") or not model_info.get("preprocessing"):
         raise SnapshotError(f"snapshot vectors come from model version {model_info['version']}, which this "
@@ -392,7 +393,7 @@ def embed_query_images(paths_or_urls: list[str], model_info: dict, snapshot_dir:
 
     The model is loaded once per process (`pipelines.embedding.get_embedder` caches it).
     """
-    from pipelines.embedding import get_embedder
+    from pipelines.embed.embedder import get_embedder
     from pipelines.storage import read_uri_bytes
 
     spec = model_spec_from_manifest(model_info, Path(snapshot_dir))

@@ -14,14 +14,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from dataclasses import dataclass
+
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pipelines.gates import ValidateSettings
+from schemas.reasons import DECODE_FAILURE_REASONS
+from pipelines.errors import UsageError
 
 DEFAULT_WAREHOUSE = (Path.home() / ".catalog-index" / "warehouse").as_uri()
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError):
     """A setting is missing or malformed; the message says which and where it came from."""
 
 
@@ -125,6 +128,98 @@ class IndexSettings(_Section):
                           "and member rows are unchanged (same model version and index settings) instead of "
                           "building it again")
     seed: int = 0
+
+
+class ValidateSettings(BaseModel):
+    """Thresholds of the validate stage (`validation:` in the config file,
+    `CATALOG_INDEX_VALIDATION__<FIELD>` in the environment)."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt threshold must not silently keep its default
+
+    # -- gates: a tripped gate stops the run before publish (unless --force) ------------------
+    max_crawl_failure_rate: float = Field(
+        0.10, ge=0, le=1, description="Largest share of in-scope manifest rows the crawl may quarantine.")
+    max_decode_failure_rate: float = Field(
+        0.02, ge=0, le=1, description="Largest share of downloaded bodies that may fail to decode as an image.")
+    decode_failure_reasons: list[str] = Field(
+        default_factory=lambda: list(DECODE_FAILURE_REASONS),
+        description="Crawl quarantine reasons counted as decode failures.")
+    max_category_drop: float = Field(
+        0.5, ge=0, le=1, description="Largest fall of a category's valid image count against the previous "
+                                     "successful run (0.5 = it may lose half its images).")
+    category_drop_min_previous: int = Field(
+        20, ge=0, description="Categories with fewer images in the previous run are not checked "
+                              "(small categories swing by chance).")
+    max_quarantine_rate: dict[str, float] = Field(
+        default_factory=lambda: {"manifest": 0.05, "images": 0.05, "embeddings": 0.0},
+        description="Per stage: largest share of rows that row-level expectations may quarantine.")
+
+    # -- expectation parameters (see schemas/gx/*.json) -----------------------------------------
+    min_width: int = Field(32, ge=1, description="Images narrower than this are quarantined (pixels).")
+    min_height: int = Field(32, ge=1, description="Images lower than this are quarantined (pixels).")
+    min_aspect_ratio: float = Field(0.1, gt=0, description="Smallest width / height kept.")
+    max_aspect_ratio: float = Field(10.0, gt=0, description="Largest width / height kept.")
+    allowed_formats: list[str] = Field(
+        default_factory=lambda: ["JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF"],
+        description="Image formats (from magic bytes) that may be embedded.")
+    min_bytes: int = Field(100, ge=0, description="Smaller image files are quarantined.")
+    max_bytes: int = Field(25_000_000, gt=0, description="Larger image files are quarantined.")
+    embedding_dim: int | None = Field(
+        None, ge=1, description="Expected vector dimension; unset = the most common one (all must agree).")
+    norm_tolerance: float = Field(1e-3, gt=0, description="Vectors must have an L2 norm within 1 +- this.")
+    min_recall_at_10: float = Field(0.9, ge=0, le=1, description="Smallest measured recall@10 of any index shard.")
+
+    # -- how validation runs ----------------------------------------------------------------------
+    result_format: Literal["BOOLEAN_ONLY", "BASIC", "SUMMARY"] = Field(
+        "BASIC", description="GX result detail in reports and Data Docs: BASIC has counts and observed values; "
+                             "SUMMARY adds, per row-level expectation, the query that selects its failing rows (one "
+                             "more Spark query plan each); BOOLEAN_ONLY has pass/fail only, no counts, so failing rows "
+                             "are always searched for.")
+    sample_failing_values: int = Field(
+        0, ge=0, le=200, description="Failing values GX lists per expectation in reports and Data Docs. Each "
+                                     "costs a Spark job per row-level expectation, and every failing row is in "
+                                     "the quarantine file anyway, with its values.")
+    cache_above_mb: float = Field(
+        64, ge=0, description="Cache the table being validated in Spark when its Parquet files are larger than this "
+                              "(MB) or not on local disk (s3://). Smaller local tables are read again by each of "
+                              "validation's few queries, which costs less than building Spark's columnar cache.")
+    adaptive_query_execution: bool = Field(
+        False, description="Spark adaptive query execution (spark.sql.adaptive.enabled) while a stage is validated; "
+                           "the session's own settings are restored afterwards. Off by default: validation's queries "
+                           "are global aggregates and a few window counts, which AQE cannot improve, and AQE runs "
+                           "each of them as two Spark jobs with re-planning in between (measured: half of GX's JVM "
+                           "time on the sample catalog). Off, shuffles use spark.default.parallelism partitions.")
+    arrow_fallback_for_s3: bool = Field(
+        False, description="For s3:// warehouses, read tables with boto3 on the driver and hand them to Spark "
+                           "as Arrow instead of reading s3a:// paths (tests, small warehouses; no hadoop-aws).")
+    reuse_unchanged: bool = Field(
+        True, description="Reuse an earlier run's validation of a stage (suite results, quarantine, Data Docs) "
+                          "when that stage's inputs, its suite and these settings are unchanged, instead of "
+                          "running the suite again; the gates are still evaluated. Inputs are fingerprinted "
+                          "with pyarrow (pipelines/fingerprint.py); the report names the run reused.")
+
+
+# Settings of `catalog-index train-head`: a frozen dataclass (not part of Settings: the head is
+# trained by hand, from flags), here so that building the CLI's parser, which shows their
+# defaults, does not import torch (seconds on every command).
+@dataclass(frozen=True)
+class HeadSettings:
+    epochs: int = 30
+    dim: int = 256
+    holdout: float = 0.2
+    seed: int = 0
+    batch_size: int = 256
+    learning_rate: float = 1e-2
+    weight_decay: float = 1e-4
+    temperature: float = 0.1
+    k: int = 10
+    min_gain: float = 0.01
+
+    def __post_init__(self):
+        if not 0 < self.holdout < 1:
+            raise ValueError(f"--holdout must be between 0 and 1 (a fraction of the images), got {self.holdout}")
+        if self.epochs < 1 or self.dim < 1 or self.batch_size < 2 or self.k < 1:
+            raise ValueError("--epochs and --dim must be >= 1, the batch size >= 2, k >= 1")
 
 
 class Settings(_Section):

@@ -1,6 +1,17 @@
 """Where each table lives in the warehouse (see DESIGN.md, "Storage layout").
 
-Every key the stages read or write is built here, so the layout can be read in one place.
+Every key the stages read or write is built here and nowhere else, so the layout can be
+read in one place (tests/test_layering.py checks that no other module spells a top-level
+warehouse folder). Keys are relative to the warehouse root and use "/" on every backend.
+
+    runs/<run>/manifest.parquet, runs/<run>/crawl/..., runs/<run>/embed/_SUCCESS.json
+    images/category=<c>/run_id=<run>/part-*.parquet      image bytes, by the run that fetched them
+    quarantine/<run>/<stage>/...                          rejected rows with a reason code
+    dedup/<run>/..., dedup/hashes/v<version>-<mode>/      clusters; the pHash cache by sha256
+    embeddings/<model_version>/                           sha256 -> vector (a cache)
+    models/pca/..., models/heads/...                      fitted PCA, trained projection heads
+    indexes/<name>/<snapshot_id>/, indexes/<name>/LATEST  snapshots and the live pointer
+    reports/<run>/                                        run report, validation results, Data Docs
 """
 from __future__ import annotations
 
@@ -66,3 +77,107 @@ def quarantine_prefix(run_id: str, stage: str) -> str:
 
 def reports_prefix(run_id: str) -> str:
     return f"reports/{run_id}/"
+
+
+def crawl_task_marker_key(run_id: str, part: str) -> str:
+    return f"{crawl_prefix(run_id)}tasks/part-{part}.json"
+
+
+def images_run_prefix(category_segment: str, run_id: str) -> str:
+    """One run's image files in one category folder (`category_segment` as listed: `category=<c>`)."""
+    return f"images/{category_segment}/run_id={run_id}/"
+
+
+IMAGES_ROOT = "images"
+RUNS_ROOT = "runs"
+
+
+# --- dedup ----------------------------------------------------------------------------
+
+DEDUP_ROOT = "dedup"
+HASHES_FOLDER = "hashes"  # dedup/hashes/ holds the pHash cache, not a run
+
+
+def dedup_prefix(run_id: str) -> str:
+    return f"dedup/{run_id}/"
+
+
+def dedup_images_key(run_id: str) -> str:
+    """Every live image row -> its cluster's canonical_sha256 (schemas.tables.DEDUP_IMAGES)."""
+    return f"dedup/{run_id}/images.parquet"
+
+
+def dedup_pairs_key(run_id: str) -> str:
+    return f"dedup/{run_id}/pairs.parquet"
+
+
+def dedup_rules_key(run_id: str) -> str:
+    return f"dedup/{run_id}/rules.json"
+
+
+def dedup_success_key(run_id: str) -> str:
+    return f"dedup/{run_id}/_SUCCESS.json"
+
+
+def hash_cache_prefix(hash_version: int, draft_size: int | None) -> str:
+    """pHashes are cached per sha256, per decode mode (a drafted JPEG decode hashes differently)
+    and per hash version."""
+    return f"dedup/hashes/v{hash_version}-{'exact' if draft_size is None else f'draft{draft_size}'}/"
+
+
+# --- embed ----------------------------------------------------------------------------
+
+def embeddings_prefix(model_version: str) -> str:
+    return f"embeddings/{model_version}/"
+
+
+def embed_success_key(run_id: str) -> str:
+    return f"runs/{run_id}/embed/_SUCCESS.json"
+
+
+def pca_key(model_version: str, dim: int, whiten: bool) -> str:
+    return f"models/pca/{model_version}-d{dim}{'-whiten' if whiten else ''}.npz"
+
+
+HEADS_PREFIX = "models/heads/"
+ADOPTED_HEAD_KEY = "models/heads/ADOPTED.json"
+
+
+def head_prefix(head_version: str) -> str:
+    return f"{HEADS_PREFIX}{head_version}/"
+
+
+# --- indexes --------------------------------------------------------------------------
+
+def index_prefix(name: str) -> str:
+    return f"indexes/{name}/"
+
+
+def snapshot_prefix(name: str, snapshot_id: str) -> str:
+    return f"indexes/{name}/{snapshot_id}/"
+
+
+def latest_key(name: str) -> str:
+    return f"indexes/{name}/LATEST"
+
+
+# --- validation and reports -----------------------------------------------------------
+
+def validation_quarantine_key(run_id: str, stage: str) -> str:
+    return f"{quarantine_prefix(run_id, 'validate')}{stage}.parquet"
+
+
+def validation_report_key(run_id: str, stage: str) -> str:
+    return f"{reports_prefix(run_id)}validation/{stage}.json"
+
+
+def validation_reports_prefix(run_id: str) -> str:
+    return f"{reports_prefix(run_id)}validation/"
+
+
+def validation_docs_prefix(run_id: str, stage: str) -> str:
+    return f"{reports_prefix(run_id)}gx/{stage}/"
+
+
+def missing_embedding_quarantine_key(run_id: str) -> str:
+    return f"{quarantine_prefix(run_id, 'index')}missing_embedding.parquet"

@@ -7,6 +7,7 @@
 the first stage or gate that refuses (nothing is published then), times every stage and
 writes the run report either way. Stage logic lives in the stage modules; this module only
 sequences them, so Airflow tasks and the one-command run do exactly the same work.
+`finish_run` writes the run report, in one place for the CLI, the DAG and `jobs/publish.py`.
 """
 from __future__ import annotations
 
@@ -15,11 +16,20 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from pipelines.config import Settings
+from pipelines.crawl import run_crawl
+from pipelines.dedup import run_dedup
+from pipelines.embed import run_embed, spec_from_settings
+from pipelines.errors import StageRefused, UsageError
+from pipelines.index import build_index, index_settings_from
+from pipelines.publish import publish_snapshot
+from pipelines.report import build_report, search_samples_or_note, snapshot_summary
+from pipelines.storage import open_storage
+from pipelines.validate import validate_stages
 
 STAGES = ["crawl", "dedup", "validate", "embed", "build_index", "validate_index", "publish"]
 
 
-class PipelineStopped(RuntimeError):
+class PipelineStopped(StageRefused):
     """A stage or a gate stopped the run before publish; the published snapshot is untouched."""
 
     def __init__(self, stage: str, reason: str, report_key: str | None = None):
@@ -47,45 +57,30 @@ class RunContext:
 
 
 def _crawl(ctx: RunContext):
-    from pipelines.crawl import run_crawl
-
     if not ctx.manifest:
-        raise ValueError("the crawl stage needs a manifest (--manifest)")
+        raise UsageError("the crawl stage needs a manifest (--manifest)")
     return run_crawl(ctx.settings, ctx.manifest, ctx.run_id, categories=ctx.categories, runner=ctx.runner,
                      spark=ctx.spark)
 
 
 def _dedup(ctx: RunContext):
-    from pipelines.dedup import run_dedup
-
     return run_dedup(ctx.settings, ctx.run_id, runner=ctx.runner, spark=ctx.spark)
 
 
 def _validate(ctx: RunContext, stages: tuple[str, ...]):
-    from pipelines.validate import validate_stages
-
     return validate_stages(ctx.settings, ctx.run_id, stages, spark=ctx.session(), force=ctx.force)
 
 
 def _embed(ctx: RunContext):
-    from pipelines.embed import run_embed
-
     return run_embed(ctx.settings, ctx.run_id, runner=ctx.runner, spark=ctx.spark)
 
 
 def _build_index(ctx: RunContext):
-    from pipelines.embed import spec_from_settings
-    from pipelines.index import build_index
-
     return build_index(ctx.settings, ctx.run_id, model=spec_from_settings(ctx.settings.embed),
                        categories=ctx.categories, runner=ctx.runner, spark=ctx.spark)
 
 
 def _publish(ctx: RunContext):
-    from pipelines.index import index_settings_from
-    from pipelines.publish import publish_snapshot
-    from pipelines.storage import open_storage
-
     cfg = index_settings_from(ctx.settings)
     build = ctx.results.get("build_index")
     return publish_snapshot(open_storage(ctx.settings.warehouse, ctx.settings.s3), cfg.name,
@@ -106,33 +101,38 @@ STAGE_FUNCTIONS: dict[str, Callable[[RunContext], Any]] = {
 
 def run_stage(stage: str, ctx: RunContext) -> Any:
     """Run one stage; translate the stage's refusals into PipelineStopped."""
-    from pipelines.crawl import CrawlError
-    from pipelines.dedup import DedupError
-    from pipelines.embed import EmbedError
-
-    refusals: tuple[type[BaseException], ...] = (CrawlError, DedupError, EmbedError)
-    try:
-        from pipelines.gates import GateFailed
-        from pipelines.index import IndexBuildError, IndexCheckFailed
-        from pipelines.publish import PublishError
-
-        refusals += (GateFailed, IndexCheckFailed, IndexBuildError, PublishError)
-    except ImportError:  # stages not installed in this build
-        pass
     try:
         result = STAGE_FUNCTIONS[stage](ctx)
-    except refusals as exc:
+    except StageRefused as exc:
         raise PipelineStopped(stage, str(exc), getattr(exc, "report_key", None)) from exc
     ctx.results[stage] = result
     return result
 
 
+def finish_run(settings: Settings, run_id: str, *, published_manifest: dict | None = None,
+               stage_timings: dict[str, float] | None = None, categories: list[str] | None = None,
+               forced: bool | None = None, stopped: str | None = None) -> dict[str, Any]:
+    """Write the run report (reports/<run_id>/report.{html,json}) and return it.
+
+    With `published_manifest` (the snapshot this run published) the report carries the
+    snapshot's summary and a few example searches against it, pulled as a serving team would.
+    """
+    extra: dict[str, Any] = {}
+    if categories is not None or forced is not None:
+        extra.update({"categories": categories, "forced": forced})
+    if published_manifest is not None:
+        extra["snapshot"] = snapshot_summary(published_manifest)
+    if stopped is not None:
+        extra["stopped"] = stopped
+    samples = (search_samples_or_note(settings, run_id, published_manifest["index_name"])
+               if published_manifest is not None else None)
+    return build_report(open_storage(settings.warehouse, settings.s3), run_id, stage_timings=stage_timings,
+                        extra=extra, search_samples=samples)
+
+
 def run_pipeline(ctx: RunContext, stages: list[str] | None = None,
                  on_stage: Callable[[str, float, Any], None] | None = None) -> dict[str, Any]:
     """Run the stages in order; always write the run report; re-raise PipelineStopped."""
-    from pipelines.report import build_report, search_samples_or_note, snapshot_summary
-    from pipelines.storage import open_storage
-
     timings: dict[str, float] = {}
     stopped: PipelineStopped | None = None
     for stage in stages or STAGES:
@@ -146,17 +146,10 @@ def run_pipeline(ctx: RunContext, stages: list[str] | None = None,
         timings[stage] = round(time.monotonic() - started, 2)
         if on_stage:
             on_stage(stage, timings[stage], result)
-    extra: dict[str, Any] = {"categories": ctx.categories, "forced": ctx.force}
     publish = ctx.results.get("publish")
-    if publish is not None:
-        extra["snapshot"] = snapshot_summary(publish.manifest)
-    if stopped is not None:
-        extra["stopped"] = str(stopped)
-    storage = open_storage(ctx.settings.warehouse, ctx.settings.s3)
-    report = build_report(storage, ctx.run_id, stage_timings=timings, extra=extra,
-                          search_samples=search_samples_or_note(ctx.settings, ctx.run_id, publish.manifest["index_name"])
-                          if publish is not None else None)
+    report = finish_run(ctx.settings, ctx.run_id, published_manifest=publish.manifest if publish else None,
+                        stage_timings=timings, categories=ctx.categories, forced=ctx.force,
+                        stopped=str(stopped) if stopped is not None else None)
     if stopped is not None:
         raise stopped
     return report
-

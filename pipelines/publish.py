@@ -22,107 +22,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from functools import lru_cache
-from pathlib import Path
 
-from pipelines.index import BUILD_FILE, index_prefix, latest_key, snapshot_prefix
-from pipelines.storage import Storage, StorageError
+from pipelines.storage import Storage
+from pipelines.layout import index_prefix, latest_key, snapshot_prefix
+from pipelines.snapshot import (BUILD_FILE, MANIFEST_FILE, MANIFEST_VERSION, ManifestInvalid, PublishError,  # noqa: F401
+                                SnapshotVerificationError, manifest_bytes, read_build, read_latest, read_manifest,
+                                sha256_of_file, snapshot_files, validate_manifest, verify_snapshot_files)
 
-MANIFEST_FILE = "manifest.json"
-MANIFEST_VERSION = 1
-SCHEMA_PATH = Path(__file__).resolve().parents[1] / "schemas" / "snapshot_manifest.schema.json"
-
-
-class PublishError(ValueError):
-    """Publishing, listing or rolling back cannot go on; the message says what to do."""
-
-
-class SnapshotVerificationError(RuntimeError):
-    """A snapshot file is missing or its size/sha256 differs from the manifest: never serve it."""
-
-    def __init__(self, message: str, bad_files: list[str]):
-        super().__init__(message)
-        self.bad_files = bad_files
-
-
-class ManifestInvalid(ValueError):
-    """manifest.json does not follow the snapshot manifest schema."""
-
-
-# ------------------------------------------------------------------------------------------
-# manifest schema
-# ------------------------------------------------------------------------------------------
-
-@lru_cache(maxsize=1)
-def manifest_schema() -> dict:
-    return json.loads(SCHEMA_PATH.read_text())
-
-
-def validate_manifest(manifest: dict, where: str = "manifest") -> dict:
-    """Raise ManifestInvalid naming the first offending field; return the manifest unchanged."""
-    import jsonschema
-
-    version = manifest.get("manifest_version") if isinstance(manifest, dict) else None
-    if isinstance(version, int) and version > MANIFEST_VERSION:
-        raise ManifestInvalid(f"{where} has manifest_version {version}; this catalog-index reads up to "
-                              f"{MANIFEST_VERSION}: upgrade catalog-index")
-    validator = jsonschema.Draft202012Validator(manifest_schema())
-    errors = sorted(validator.iter_errors(manifest), key=lambda e: list(e.absolute_path))
-    if errors:
-        error = errors[0]
-        location = "/".join(map(str, error.absolute_path)) or "(top level)"
-        raise ManifestInvalid(f"{where} is not a valid snapshot manifest: at {location}: {error.message}")
-    return manifest
-
-
-def manifest_bytes(manifest: dict) -> bytes:
-    return (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode("utf-8")
 
 
 # ------------------------------------------------------------------------------------------
 # reading the warehouse
 # ------------------------------------------------------------------------------------------
-
-def read_latest(storage: Storage, index_name: str) -> dict | None:
-    """{snapshot_id, manifest_sha256, updated_at, action} from LATEST, or None before the first publish."""
-    key = latest_key(index_name)
-    if not storage.exists(key):
-        return None
-    text = storage.read_text(key).strip()
-    try:
-        pointer = json.loads(text)
-    except json.JSONDecodeError:
-        pointer = {"snapshot_id": text}  # a hand-written pointer holding just the id
-    if not isinstance(pointer, dict) or not pointer.get("snapshot_id"):
-        raise PublishError(f"{storage.uri_for(key)} does not name a snapshot ({text[:80]!r}): "
-                           "point it at a snapshot with `catalog-index rollback --to ID`")
-    return pointer
-
-
-def read_manifest(storage: Storage, index_name: str, snapshot_id: str, expected_sha256: str | None = None) -> dict:
-    key = snapshot_prefix(index_name, snapshot_id) + MANIFEST_FILE
-    try:
-        data = storage.read_bytes(key)
-    except StorageError as exc:
-        raise PublishError(f"snapshot {snapshot_id} of index {index_name!r} has no manifest ({exc}); "
-                           "`catalog-index snapshots` lists the published ones") from exc
-    if expected_sha256 and hashlib.sha256(data).hexdigest() != expected_sha256:
-        raise SnapshotVerificationError(f"{storage.uri_for(key)} does not match the sha256 recorded in LATEST: "
-                                        "the manifest was changed after publishing; do not serve it", [MANIFEST_FILE])
-    return validate_manifest(json.loads(data), storage.uri_for(key))
-
-
-def read_build(storage: Storage, index_name: str, snapshot_id: str) -> dict:
-    key = snapshot_prefix(index_name, snapshot_id) + BUILD_FILE
-    if not storage.exists(key):
-        raise PublishError(f"{storage.uri_for(key)} does not exist: snapshot {snapshot_id} was never built "
-                           "(or its build stopped early); run build-index")
-    return json.loads(storage.read_text(key))
-
 
 def find_build(storage: Storage, index_name: str, snapshot_id: str | None = None,
                run_id: str | None = None) -> dict:
@@ -139,47 +52,6 @@ def find_build(storage: Storage, index_name: str, snapshot_id: str | None = None
     raise PublishError(f"no unpublished build of index {index_name!r}"
                        + (f" for run {run_id}" if run_id else "")
                        + f" under {storage.uri_for(index_prefix(index_name))}: run build-index first")
-
-
-def snapshot_files(manifest_or_build: dict) -> list[dict]:
-    """Every file of a snapshot except manifest.json, as {path, bytes, sha256, role, count?}."""
-    files = []
-    for shard in manifest_or_build["shards"]:
-        files.append({**shard["files"]["index"], "role": "index", "count": shard["vectors"]})
-        files.append({**shard["files"]["idmap"], "role": "idmap", "count": shard["idmap_rows"]})
-    files.extend({**record, "role": "model"} for record in manifest_or_build.get("model_files", []))
-    return files
-
-
-def sha256_of_file(path: str | os.PathLike) -> tuple[str, int]:
-    hasher = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            hasher.update(block)
-            size += len(block)
-    return hasher.hexdigest(), size
-
-
-def verify_snapshot_files(storage: Storage, prefix: str, files: list[dict]) -> None:
-    """Download each file and compare size and sha256; raise SnapshotVerificationError listing every bad one."""
-    bad = []
-    with tempfile.TemporaryDirectory(prefix="verify-") as scratch:
-        for record in files:
-            local = Path(scratch) / "file"
-            try:
-                storage.download_file(prefix + record["path"], local)
-            except (StorageError, OSError) as exc:
-                bad.append(f"{record['path']} (missing: {exc})")
-                continue
-            digest, size = sha256_of_file(local)
-            local.unlink()
-            if size != record["bytes"] or digest != record["sha256"]:
-                bad.append(f"{record['path']} ({size} bytes, sha256 {digest[:12]}…; expected {record['bytes']} "
-                           f"bytes, {record['sha256'][:12]}…)")
-    if bad:
-        raise SnapshotVerificationError(f"{len(bad)} file(s) of {storage.uri_for(prefix)} fail verification: "
-                                        + "; ".join(bad), bad)
 
 
 # ------------------------------------------------------------------------------------------

@@ -18,7 +18,9 @@ import numpy as np
 import pandas as pd
 
 from pipelines import layout
-from pipelines.storage import Storage
+from pipelines.client import QueryResult, SnapshotClient, pull
+from pipelines.readers import read_crawl_state, read_dedup_images, read_embeddings
+from pipelines.storage import Storage, open_storage
 
 THUMB = 96
 
@@ -45,8 +47,6 @@ def thumbnail_data_uri(data: bytes, size: int = THUMB) -> str | None:
 
 
 def _bytes_for(storage: Storage, run_id: str, sha256s: set[str]) -> dict[str, bytes]:
-    from pipelines.crawl import read_crawl_state
-
     state = read_crawl_state(storage, run_id, columns=["sha256", "stored_key"]).dropna()
     state = state[state["sha256"].isin(sha256s)].drop_duplicates("sha256")
     blobs: dict[str, bytes] = {}
@@ -59,8 +59,6 @@ def _bytes_for(storage: Storage, run_id: str, sha256s: set[str]) -> dict[str, by
 
 def duplicate_cluster_samples(storage: Storage, run_id: str, clusters: int = 8, members: int = 6) -> list[dict]:
     """The largest duplicate clusters of a dedup run, with thumbnails of their members."""
-    from pipelines.dedup import read_dedup_images
-
     try:
         rows = read_dedup_images(storage, run_id)
     except Exception:
@@ -89,10 +87,6 @@ def sample_search_results(settings, run_id: str, index_name: str, queries: int =
     import, most of an unchanged night's report). Images without a cached vector are embedded."""
     import tempfile
     from pathlib import Path
-
-    from pipelines.client import SnapshotClient, pull
-    from pipelines.dedup import read_dedup_images
-    from pipelines.storage import open_storage
 
     storage = open_storage(settings.warehouse, settings.s3)
     rows = read_dedup_images(storage, run_id)
@@ -138,9 +132,6 @@ def search_samples_or_note(settings, run_id: str, index_name: str, queries: int 
 
 
 def _search_cached_vectors(storage: Storage, client, shas: list[str], paths: list[str], k: int) -> list:
-    from pipelines.client import QueryResult
-    from pipelines.embed import read_embeddings
-
     version = client.manifest["model"]["version"]
     try:
         cached = read_embeddings(storage, version, columns=["sha256", "vector"])
@@ -160,10 +151,10 @@ def build_report(storage: Storage, run_id: str, *, stage_timings: dict[str, floa
     report: dict[str, Any] = {
         "run_id": run_id,
         "crawl": crawl,
-        "dedup": _json(storage, f"dedup/{run_id}/_SUCCESS.json"),
-        "embed": _json(storage, f"runs/{run_id}/embed/_SUCCESS.json"),
+        "dedup": _json(storage, layout.dedup_success_key(run_id)),
+        "embed": _json(storage, layout.embed_success_key(run_id)),
         "validation": {key.rsplit("/", 1)[-1].removesuffix(".json"): _json(storage, key)
-                       for key in storage.list(f"reports/{run_id}/validation/") if key.endswith(".json")},
+                       for key in storage.list(layout.validation_reports_prefix(run_id)) if key.endswith(".json")},
         "timings_s": stage_timings or {},
         **(extra or {}),
     }
@@ -181,8 +172,6 @@ def _per_category(storage: Storage, run_id: str, crawl: dict | None) -> list[dic
     for category, counts in ((crawl or {}).get("per_category") or {}).items():
         rows[category] = {"category": category, **{k: int(v) for k, v in counts.items()}}
     try:
-        from pipelines.dedup import read_dedup_images
-
         dedup = read_dedup_images(storage, run_id)
         for category, group in dedup.groupby("category"):
             entry = rows.setdefault(category, {"category": category})

@@ -22,9 +22,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.config import S3Settings
+from pipelines.errors import UsageError
 
 
-class StorageError(RuntimeError):
+class StorageError(UsageError, RuntimeError):
     """A warehouse operation failed; the message names the URI and what to check."""
 
 

@@ -14,8 +14,8 @@ import pytest
 import pipelines.cli as cli
 from pipelines.client import SnapshotClient, current_snapshot_id, pull
 from pipelines.config import load_settings
-from pipelines.index import IndexSettings, build_index, snapshot_prefix
-from pipelines.index_cli import add_index_commands
+from pipelines.index.stage import IndexSettings, build_index, snapshot_prefix
+from pipelines.cli.index import add_index_commands
 from pipelines.publish import SnapshotVerificationError, publish_snapshot
 from pipelines.storage import open_storage
 from schemas.tables import DEDUP_IMAGES, EMBEDDINGS
@@ -175,8 +175,8 @@ def run_cli(argv, capsys) -> tuple[int, list[dict], str]:
 @pytest.mark.skipif(not OPENCLIPART.is_dir(), reason="sample catalog (openclipart-png) not installed")
 def test_search_cli_embeds_query_images_and_prints_json_lines(tmp_path, capsys):
     """End to end with the real model: embed a few sample PNGs, build, publish, pull, search."""
-    from pipelines.embedding import get_embedder
-    from pipelines.model import default_spec, model_version
+    from pipelines.embed.embedder import get_embedder
+    from pipelines.embed.model import default_spec, model_version
 
     images = []
     for category in ("food", "tools", "transportation"):

@@ -11,7 +11,7 @@ import pytest
 from conftest import make_jpeg, make_png
 from pipelines import layout
 from pipelines.config import load_settings
-from pipelines.crawl import read_crawl_state, read_current_images, run_crawl
+from pipelines.crawl.stage import read_crawl_state, read_current_images, run_crawl
 from pipelines.storage import open_storage
 from test_image_check import png_header_only
 

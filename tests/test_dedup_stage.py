@@ -6,8 +6,8 @@ import pyarrow as pa
 import pytest
 from PIL import Image, ImageDraw
 
-from pipelines.crawl import run_crawl
-from pipelines.dedup import read_dedup_images, run_dedup
+from pipelines.crawl.stage import run_crawl
+from pipelines.dedup.stage import read_dedup_images, run_dedup
 from pipelines.storage import open_storage
 from test_crawl import settings_for, write_manifest
 
@@ -116,7 +116,7 @@ def test_corrupt_stored_bytes_are_quarantined(spark, planted, tmp_path):
 def test_a_cluster_whose_canonical_image_fails_validation_keeps_its_products():
     import pandas as pd
 
-    from pipelines.dedup import with_valid_canonicals
+    from pipelines.dedup.stage import with_valid_canonicals
 
     at = pd.Timestamp("2026-11-23", tz="UTC")
     rows = pd.DataFrame({

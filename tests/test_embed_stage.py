@@ -3,9 +3,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipelines.crawl import run_crawl
-from pipelines.dedup import read_dedup_images, run_dedup
-from pipelines.embed import read_embeddings, run_embed, task_device
+from pipelines.crawl.stage import run_crawl
+from pipelines.dedup.stage import read_dedup_images, run_dedup
+from pipelines.embed.stage import read_embeddings, run_embed, task_device
 from pipelines.storage import open_storage
 from test_crawl import settings_for, write_manifest
 from test_dedup_stage import planted  # noqa: F401 - fixture
@@ -46,8 +46,8 @@ def test_embeds_canonical_images_once(spark, planted, tmp_path):  # noqa: F811
     assert projected.model_version not in (first.model_version, other.model_version)
     small = np.stack(read_embeddings(storage, projected.model_version)["vector"].to_numpy())
     assert small.shape == (len(canonical), 3) and np.allclose(np.linalg.norm(small, axis=1), 1.0, atol=1e-5)
-    from pipelines.embed import spec_from_settings
-    from pipelines.model import model_version
+    from pipelines.embed.stage import spec_from_settings
+    from pipelines.embed.model import model_version
     assert model_version(spec_from_settings(with_pca.embed, storage)) == projected.model_version
     assert run_embed(with_pca, "r2", spark=spark).pca_projected == 0  # same PCA next time: nothing to do
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from pipelines.embedding import (ImageEmbedder, apply_pca, decode_for_model, embed_partition, fit_pca)
-from pipelines.model import FEATURE_DIM, default_spec, model_version
+from pipelines.embed.embedder import (ImageEmbedder, apply_pca, decode_for_model, embed_partition, fit_pca)
+from pipelines.embed.model import FEATURE_DIM, default_spec, model_version
 
 CAT_PHOTO = Path(__file__).parent / "data" / "chelsea.png"
 
@@ -144,7 +144,7 @@ def test_trim_framing_embeds_a_drawing_alike_wherever_it_sits_on_its_page(spec):
 
 def test_trim_framing_on_tensors_matches_the_pil_path(spec):
     """The nvJPEG path frames decoded tensors with torch; run here on CPU tensors against PIL."""
-    from pipelines.embedding import trimmed_frame_tensor
+    from pipelines.embed.embedder import trimmed_frame_tensor
 
     trim = spec.preprocessing
     page = _on_canvas(drawing()).convert("RGBA")
@@ -157,7 +157,7 @@ def test_trim_framing_on_tensors_matches_the_pil_path(spec):
 
 
 def test_framing_is_checked():
-    from pipelines.model import Preprocessing
+    from pipelines.embed.model import Preprocessing
 
     with pytest.raises(ValueError, match="framing"):
         Preprocessing(framing="stretch")

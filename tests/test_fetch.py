@@ -6,8 +6,8 @@ import pytest
 
 from conftest import make_noise_png, make_png
 from pipelines.config import CrawlSettings
-from pipelines.fetch import Fetcher
-from pipelines.url_safety import UrlPolicy
+from pipelines.crawl.fetch import Fetcher
+from pipelines.crawl.url_safety import UrlPolicy
 
 
 def fetcher(**kw):

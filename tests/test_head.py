@@ -16,12 +16,12 @@ import torch
 
 from conftest import make_jpeg, make_png
 from pipelines.config import load_settings
-from pipelines.dedup import dedup_success_key
-from pipelines.embed import embeddings_prefix
-from pipelines.head import ADOPTED_KEY, HeadSettings, load_adopted_head, split_by_product, train_head
-from pipelines.head_cli import add_head_commands
-from pipelines.model import Preprocessing
-from pipelines.petastorm_loaders import (embed_loader_batches, failure_reasons, hex_digests, open_embedding_loader,
+from pipelines.layout import dedup_success_key
+from pipelines.embed.stage import embeddings_prefix
+from pipelines.embed.head import ADOPTED_KEY, HeadSettings, load_adopted_head, split_by_product, train_head
+from pipelines.cli.head import add_head_commands
+from pipelines.embed.model import Preprocessing
+from pipelines.embed.loaders import (embed_loader_batches, failure_reasons, hex_digests, open_embedding_loader,
                                          open_image_loader)
 from pipelines.storage import S3Storage, open_storage
 from schemas.tables import DEDUP_IMAGES, EMBEDDINGS, IMAGES
@@ -73,7 +73,7 @@ def read_all(storage, keys, **options):
 
 
 def test_image_loader_decodes_every_stored_image(tmp_path):
-    from pipelines.embedding import ImageDecodeError, decode_for_model
+    from pipelines.embed.embedder import ImageDecodeError, decode_for_model
 
     storage = open_storage(str(tmp_path / "wh"))
     stored, rows = write_image_parts(storage)
@@ -112,8 +112,8 @@ def test_image_loader_reads_s3_warehouse_through_a_local_copy(s3_bucket, tmp_pat
 
 
 def test_image_loader_feeds_the_embedder_with_the_same_vectors(tmp_path):
-    from pipelines.embedding import ImageEmbedder
-    from pipelines.model import default_spec
+    from pipelines.embed.embedder import ImageEmbedder
+    from pipelines.embed.model import default_spec
 
     storage = open_storage(str(tmp_path / "wh"))
     stored, _ = write_image_parts(storage)
@@ -211,7 +211,7 @@ def test_split_keeps_every_product_on_one_side(tmp_path):
     storage = open_storage(str(tmp_path / "wh"))
     vectors, categories = drowned_categories(count=300)
     shas = write_catalog(storage, "r1", vectors, categories)
-    from pipelines.dedup import read_dedup_images
+    from pipelines.dedup.stage import read_dedup_images
 
     dedup = read_dedup_images(storage, "r1")
     train, heldout, _, _ = split_by_product(dedup, set(shas), 0.25, seed=7)

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from conftest import make_jpeg, make_png
-from pipelines.image_check import ImageRejected, inspect_image, sniff_format
+from pipelines.crawl.image_check import ImageRejected, inspect_image, sniff_format
 
 
 def png_header_only(width: int, height: int) -> bytes:

@@ -9,9 +9,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import pipelines.index as index_module
+import pipelines.index.stage as index_module
 from pipelines.config import load_settings
-from pipelines.index import (ArrayVectors, FileVectors, IndexBuildError, IndexCheckFailed, IndexSettings,
+from pipelines.index.stage import (ArrayVectors, FileVectors, IndexBuildError, IndexCheckFailed, IndexSettings,
                              build_index, build_shard, choose_index_type, dedup_images_key, embeddings_prefix,
                              plan_shards, snapshot_prefix)
 from pipelines.publish import PublishError, publish_snapshot, read_manifest

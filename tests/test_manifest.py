@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.manifest import ManifestError, read_manifest, split_manifest_rows
+from pipelines.crawl.manifest import ManifestError, read_manifest, split_manifest_rows
 from pipelines.storage import open_storage
 
 ROWS = [{"product_id": "007", "category": "food", "image_url": "http://h/a.png", "title": "Apple"},

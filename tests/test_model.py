@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.embedding import decode_for_model
-from pipelines.model import (ARCHITECTURE, PcaProjection, Preprocessing, WeightsError, choose_device, classify,
+from pipelines.embed.embedder import decode_for_model
+from pipelines.embed.model import (ARCHITECTURE, PcaProjection, Preprocessing, WeightsError, choose_device, classify,
                              default_spec, fold_batchnorm, load_classifier, map_packaged_state_dict,
                              model_version, packaged_weights_path)
 

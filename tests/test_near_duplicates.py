@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageEnhance, ImageFont
 
-from pipelines.near_duplicates import (
+from pipelines.dedup.near_duplicates import (
     CONFIRMATION_THRESHOLD,
     Band,
     choose_canonical,

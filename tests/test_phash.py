@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from pipelines.near_duplicates import hamming_distance
-from pipelines.phash import (
+from pipelines.dedup.near_duplicates import hamming_distance
+from pipelines.dedup.phash import (
     CORRUPT,
     DECOMPRESSION_BOMB,
     NOT_AN_IMAGE,

@@ -162,7 +162,7 @@ def spark_submit(cluster: Cluster, job: str, argv: list[str], cwd: Path, timeout
 
 
 def test_stage_jobs_run_on_a_standalone_cluster(standalone_cluster, tmp_path):
-    from pipelines.dedup import read_dedup_images
+    from pipelines.dedup.stage import read_dedup_images
     from pipelines.publish import read_latest, read_manifest
     from pipelines.sample_catalog import ImageServer, build_sample_manifest, write_manifest_csv
     from pipelines.storage import open_storage

@@ -1,7 +1,7 @@
 """SSRF guard: the address classification on IP literals, and the policy on URLs."""
 import pytest
 
-from pipelines.url_safety import UrlPolicy, UrlRejected, address_block_reason
+from pipelines.crawl.url_safety import UrlPolicy, UrlRejected, address_block_reason
 
 
 @pytest.mark.parametrize("address, why", [

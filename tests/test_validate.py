@@ -18,13 +18,13 @@ from conftest import make_png
 from fault_server import FaultServer
 from pipelines import layout
 from pipelines.config import load_settings
-from pipelines.crawl import run_crawl
-from pipelines.gates import (GateFailed, ValidateSettings, category_drop_gate, crawl_failure_gate,
+from pipelines.crawl.stage import run_crawl
+from pipelines.validate.gates import (GateFailed, ValidateSettings, category_drop_gate, crawl_failure_gate,
                              decode_failure_gate, rate_gate)
 from pipelines.storage import open_storage
-from pipelines.validate import (dedup_images_key, embed_success_key, exclude_quarantined, quarantine_key,
+from pipelines.validate.stage import (dedup_images_key, embed_success_key, exclude_quarantined, quarantine_key,
                                 read_spark_table, report_key, validate_embeddings, validate_index, validate_stage)
-from pipelines.expectations import expectation_name
+from pipelines.validate.suites import expectation_name
 from schemas.tables import DEDUP_IMAGES, EMBEDDINGS, MANIFEST, QUARANTINE
 
 NIGHT1, NIGHT2, BROKEN = "20261101T030000Z", "20261102T030000Z", "20261103T030000Z"
@@ -66,7 +66,7 @@ def test_category_drop_ignores_small_categories_and_counts_vanished_ones():
 
 
 def test_suite_files_load_and_bad_ones_say_what_is_wrong(tmp_path):
-    from pipelines.expectations import SuiteError, load_suite
+    from pipelines.validate.suites import SuiteError, load_suite
 
     for name in ("manifest", "images", "embeddings", "index"):
         suite = load_suite(name)
@@ -210,7 +210,7 @@ def test_manifest_without_a_required_column_stops_the_run(nights, spark):
 
 
 def _validate_cli(argv: list[str]) -> int:
-    from pipelines.validate_cli import _add_validate
+    from pipelines.cli.validate import _add_validate
 
     parser = argparse.ArgumentParser(prog="catalog-index")
     _add_validate(parser.add_subparsers(dest="command", required=True))
@@ -388,9 +388,9 @@ def test_the_failing_rows_query_finds_exactly_what_gx_counts(spark, stage):
     """Quarantine comes from one Spark query over the suite's row-level expectations; GX runs
     the suite itself. On rows crafted to break every row-level expectation, both must agree,
     expectation by expectation (a quarantine that drifted from the suite would go unnoticed)."""
-    from pipelines.expectations import (CRITICAL, find_failing_rows, is_row_level, load_suite, row_checks,
+    from pipelines.validate.suites import (CRITICAL, find_failing_rows, is_row_level, load_suite, row_checks,
                                         run_suite, severity_of)
-    from pipelines.validate import _CARRIED
+    from pipelines.validate.stage import _CARRIED
 
     suite = load_suite(stage)
     df, parameters = ((_crafted_images(spark), IMAGE_PARAMETERS) if stage == "images"
@@ -441,8 +441,7 @@ def test_a_validation_runs_a_few_spark_jobs_not_one_per_expectation(nights, spar
 
 
 def test_no_failing_rows_query_when_gx_found_none(nights, spark, monkeypatch):
-    import pipelines.validate as validate_module
-
+    import pipelines.validate.stage as validate_module
     settings, *_ = nights
 
     def must_not_run(*args, **kwargs):
@@ -477,7 +476,7 @@ def test_tables_are_read_with_the_schema_spark_would_infer(nights, spark, tmp_pa
     Spark's own inference gives; types that do not map one to one are left to Spark."""
     import pyarrow.parquet as pq
 
-    from pipelines.validate import _parquet_keys, _spark_schema_from_footer
+    from pipelines.validate.stage import _parquet_keys, _spark_schema_from_footer
 
     settings, *_ = nights
     storage = open_storage(settings.warehouse)
@@ -515,8 +514,7 @@ def night1_again(nights):
 
 
 def _counting_suite_runs(monkeypatch) -> list:
-    import pipelines.validate as validate_module
-
+    import pipelines.validate.stage as validate_module
     calls, real = [], validate_module.run_suite
     monkeypatch.setattr(validate_module, "run_suite", lambda *a, **k: calls.append(k.get("asset_name")) or real(*a, **k))
     return calls
@@ -586,7 +584,7 @@ def test_a_changed_row_or_setting_is_validated_again(night1_again, spark, monkey
 def test_stages_validated_side_by_side_all_report_then_the_stop_is_raised(nights, spark):
     """The pipeline validates manifest and images at the same time: a gate that trips in one does
     not keep the other from being validated and reported, and the session's settings come back."""
-    from pipelines.validate import validate_stages
+    from pipelines.validate.stage import validate_stages
 
     settings, *_ = nights
     storage = open_storage(settings.warehouse)

@@ -77,7 +77,7 @@ def start_server(port: int) -> subprocess.Popen:
 
 def run_ours(spark, manifest: Path, threads: int, work: Path) -> tuple[float, int]:
     from pipelines.config import load_settings
-    from pipelines.crawl import run_crawl
+    from pipelines.crawl.stage import run_crawl
 
     warehouse = work / f"wh-{time.monotonic_ns()}"
     settings = load_settings(warehouse=warehouse.as_uri(), crawl={

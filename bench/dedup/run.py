@@ -33,7 +33,7 @@ sys.path.insert(0, str(HERE))
 
 import planted  # noqa: E402
 from synthetic import synthetic_hashes  # noqa: E402
-from pipelines.near_duplicates import (  # noqa: E402
+from pipelines.dedup.near_duplicates import (  # noqa: E402
     CANDIDATE_MAX_DISTANCE,
     CONFIRMATION_THRESHOLD,
     confirmation_scores,
@@ -41,7 +41,7 @@ from pipelines.near_duplicates import (  # noqa: E402
     hamming_distance,
     plan_bands,
 )
-from pipelines.phash import phash_hex, phash_many  # noqa: E402
+from pipelines.dedup.phash import phash_hex, phash_many  # noqa: E402
 
 IMAGEDEDUP_PYTHON = REPOSITORY / "bench" / ".venv-imagededup" / "bin" / "python"
 IMAGEDEDUP_THRESHOLD = 10  # imagededup's default max_distance_threshold

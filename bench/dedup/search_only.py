@@ -24,7 +24,7 @@ sys.path.insert(0, str(HERE))
 
 from synthetic import synthetic_hashes  # noqa: E402
 
-from pipelines.near_duplicates import find_near_duplicates, plan_bands  # noqa: E402
+from pipelines.dedup.near_duplicates import find_near_duplicates, plan_bands  # noqa: E402
 
 
 def main() -> None:

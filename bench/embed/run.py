@@ -31,8 +31,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from pipelines.embedding import ImageEmbedder, decode_for_model  # noqa: E402
-from pipelines.model import default_spec, load_classifier, model_version  # noqa: E402
+from pipelines.embed.embedder import ImageEmbedder, decode_for_model  # noqa: E402
+from pipelines.embed.model import default_spec, load_classifier, model_version  # noqa: E402
 
 CLIPART = Path("/usr/share/openclipart/png")
 JPEG_LONG_SIDES = (400, 640, 800, 1024, 1280, 1600)  # typical product-photo sizes

@@ -93,7 +93,7 @@ def catalog_vectors(warehouse: str | None, dim: int) -> tuple[np.ndarray, list[s
     embeddings of dimension `dim` (`make run` writes them): one row per canonical image."""
     if not warehouse:
         return None
-    from pipelines.index import latest_dedup_run, read_dedup_members
+    from pipelines.index.stage import latest_dedup_run, read_dedup_members
     from pipelines.storage import open_storage
 
     storage = open_storage(warehouse)
@@ -192,7 +192,7 @@ def base_files(base_dir: Path) -> list[Path]:
 
 
 def exact_truth(base_dir: Path, queries: np.ndarray, k: int = 10) -> np.ndarray:
-    from pipelines.index import FileVectors, exact_top_k
+    from pipelines.index.stage import FileVectors, exact_top_k
 
     offset, scores_all, ids_all = 0, [], []
     for path in base_files(base_dir):
@@ -296,7 +296,7 @@ def build_ours_sharded(warehouse: str, out: str, budget_mb: int, max_vectors_per
     runs (plan, read the shard's vectors from the embeddings Parquet, train, add, tune, check, write
     the shard file and id map), minus Spark."""
     from pipelines.config import load_settings
-    from pipelines.index import IndexSettings, build_index
+    from pipelines.index.stage import IndexSettings, build_index
 
     settings = load_settings(warehouse=warehouse)
     cfg = IndexSettings(memory_budget_mb=budget_mb, max_vectors_per_shard=max_vectors_per_shard)
@@ -311,7 +311,7 @@ def build_ours_sharded(warehouse: str, out: str, budget_mb: int, max_vectors_per
 
 def build_ours_one_shard(base_dir: str, out: str, budget_mb: int, threads: int) -> None:
     """Child process (--single-shard): `build_shard` on the whole base as one shard."""
-    from pipelines.index import FileVectors, IndexSettings, build_shard
+    from pipelines.index.stage import FileVectors, IndexSettings, build_shard
 
     files = base_files(Path(base_dir))
     if len(files) > 1:  # catalog vectors: concatenate into one file the shard builder reads in chunks
@@ -395,7 +395,7 @@ def snapshot_parts(warehouse_root: Path, infos: dict, data: BenchData) -> list[P
     """Every shard of our snapshot, with its vector id -> base row map from its id map."""
     import pyarrow.parquet as pq
 
-    from pipelines.index import snapshot_prefix
+    from pipelines.index.stage import snapshot_prefix
 
     shas = np.array(row_shas(data), dtype="S64")
     order = np.argsort(shas)
@@ -414,7 +414,7 @@ def snapshot_parts(warehouse_root: Path, infos: dict, data: BenchData) -> list[P
 def _open(part: Part, params=None):
     import faiss
 
-    from pipelines.index import apply_search_params
+    from pipelines.snapshot import apply_search_params
 
     if part.index is None:
         part.index = faiss.read_index(part.path)
@@ -447,7 +447,7 @@ def evaluate(parts: list[Part], data: BenchData, threads: int, rounds: int = 3,
     """recall@10 on the held-out queries and on catalog queries, QPS of the held-out batch."""
     import faiss
 
-    from pipelines.index import recall_at_k
+    from pipelines.index.stage import recall_at_k
 
     faiss.omp_set_num_threads(threads)
     for number, part in enumerate(parts):

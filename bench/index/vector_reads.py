@@ -33,7 +33,7 @@ import pyarrow.compute as pc
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from pipelines import index  # noqa: E402
+from pipelines.index import stage as index
 from pipelines.storage import open_storage  # noqa: E402
 
 

@@ -35,7 +35,7 @@ class PlainEmbedder:
     def __init__(self, batch_size: int = 32):
         from torchvision import transforms as T
 
-        from pipelines.model import default_spec, load_classifier
+        from pipelines.embed.model import default_spec, load_classifier
 
         self.model = load_classifier(default_spec())  # eval mode, CPU, fp32, unfused
         self.model.reset_classifier(0)                 # timm: forward() -> average-pooled features

@@ -30,8 +30,8 @@ class Catalog:
 
 def load_catalog(warehouse: str, dest: Path, index_name: str = "catalog") -> Catalog:
     from pipelines.client import SnapshotClient, pull
-    from pipelines.crawl import read_crawl_state
-    from pipelines.dedup import read_dedup_images
+    from pipelines.crawl.stage import read_crawl_state
+    from pipelines.dedup.stage import read_dedup_images
     from pipelines.publish import read_latest
     from pipelines.storage import open_storage
 
@@ -74,7 +74,7 @@ def read_snapshot_vectors(warehouse: str, model_version: str, shas: list[str]):
     """The pipeline's own catalog vectors (embeddings cache of the snapshot's model version), in `shas` order."""
     import numpy as np
 
-    from pipelines.index import embeddings_prefix
+    from pipelines.index.stage import embeddings_prefix
     from pipelines.storage import open_storage
 
     storage = open_storage(warehouse)

@@ -128,7 +128,7 @@ def run_ours(catalog: Catalog, queries: list[dict]) -> tuple[list[list[dict]], f
 def time_ours_catalog(catalog: Catalog, cache: Path, use_cache: bool) -> dict:
     """Embed the indexed (canonical) images with the embedder the embed stage maps over partitions."""
     from pipelines.client import model_spec_from_manifest
-    from pipelines.embedding import ImageEmbedder
+    from pipelines.embed.embedder import ImageEmbedder
 
     shas = sorted(set(catalog.rows["canonical_sha256"]))
     key = hashlib.sha256(("ours\n" + catalog.client.manifest["model"]["version"] + "\n" + "\n".join(shas)).encode())

@@ -68,8 +68,8 @@ def variant_specs(base) -> dict:
 
 def embed_cached(spec, keyed_blobs: list[tuple[str, bytes]], cache: Path, label: str,
                  transform=None, transform_name: str = "") -> tuple[np.ndarray, float]:
-    from pipelines.embedding import ImageEmbedder
-    from pipelines.model import model_version
+    from pipelines.embed.embedder import ImageEmbedder
+    from pipelines.embed.model import model_version
 
     digest = hashlib.sha256("\n".join(f"{key}:{hashlib.sha256(data).hexdigest()}"
                                       for key, data in keyed_blobs).encode()).hexdigest()[:16]
@@ -146,8 +146,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from pipelines.client import model_spec_from_manifest
-    from pipelines.embedding import apply_pca, fit_pca
-    from pipelines.model import model_version
+    from pipelines.embed.embedder import apply_pca, fit_pca
+    from pipelines.embed.model import model_version
 
     cache = args.work_dir / "cache"
     cache.mkdir(parents=True, exist_ok=True)

@@ -52,9 +52,9 @@ def start_server(port: int) -> subprocess.Popen:
 def one_round(spark, manifest: Path, threads: int, work: Path, result_format: str, reuse: bool = True,
               sequential: bool = False) -> dict[str, float]:
     from pipelines.config import load_settings
-    from pipelines.crawl import run_crawl
-    from pipelines.gates import ValidateSettings
-    from pipelines.validate import validate_stage, validate_stages
+    from pipelines.crawl.stage import run_crawl
+    from pipelines.config import ValidateSettings
+    from pipelines.validate.stage import validate_stage, validate_stages
 
     warehouse = work / f"wh-{time.monotonic_ns()}"
     settings = load_settings(warehouse=warehouse.as_uri(), crawl={

@@ -67,17 +67,19 @@ import pyarrow.compute as pc
 
 from pipelines import layout
 from pipelines.config import Settings
-from pipelines.expectations import (CRITICAL, ExpectationOutcome, FailingRows, columns_read, expectation_name,
+from pipelines.validate.suites import (CRITICAL, ExpectationOutcome, FailingRows, columns_read, expectation_name,
                                     find_failing_rows, load_suite, no_failing_rows, read_suite, row_checks,
                                     run_suite, upload_folder)
-from pipelines.gates import (GateFailed, GateResult, ValidateSettings, category_drop_gate, crawl_failure_gate,
+from pipelines.validate.gates import (GateFailed, GateResult, ValidateSettings, category_drop_gate, crawl_failure_gate,
                              decode_failure_gate, expectations_gate, quarantine_rate_gate)
 from pipelines.storage import LocalStorage, S3Storage, Storage, open_storage
-from pipelines.validation_memo import digest, memo_key, parquet_keys, table_digest, values_digest
+from pipelines.fingerprint import digest, memo_key, parquet_keys, table_digest, values_digest
 from schemas.tables import IMAGE_STATE, MANIFEST, QUARANTINE
+from pipelines.errors import UsageError
+from pipelines.readers import LIVE_STATUSES, quarantined_sha256s
+from pipelines.snapshot import BUILD_FILE
 
 STAGES = ("manifest", "images", "embeddings", "index")
-LIVE_STATUSES = ("fetched", "not_modified", "stale", "carried")  # as pipelines.crawl.LIVE_STATUSES
 # Columns copied from a failing row into its quarantine record, when the frame has them.
 _CARRIED = ["row_index", "product_id", "category", "image_url", "sha256", "http_status"]
 
@@ -87,7 +89,7 @@ __all__ = ["STAGES", "GateFailed", "StageValidation", "ValidateSettings", "Valid
            "quarantined_keys", "quarantined_sha256s", "exclude_quarantined"]
 
 
-class ValidationInputError(ValueError):
+class ValidationInputError(UsageError):
     """What a stage validates is missing or unreadable; the message says what to run first."""
 
 
@@ -95,34 +97,12 @@ class ValidationInputError(ValueError):
 # where things are (validate-owned keys; the rest is in pipelines.layout)
 # ---------------------------------------------------------------------------------------
 
-def quarantine_key(run_id: str, stage: str) -> str:
-    return f"{layout.quarantine_prefix(run_id, 'validate')}{stage}.parquet"
+quarantine_key, report_key = layout.validation_quarantine_key, layout.validation_report_key
+docs_prefix = layout.validation_docs_prefix
+embeddings_prefix, dedup_images_key = layout.embeddings_prefix, layout.dedup_images_key
+embed_success_key = layout.embed_success_key
 
 
-def report_key(run_id: str, stage: str) -> str:
-    return f"{layout.reports_prefix(run_id)}validation/{stage}.json"
-
-
-def docs_prefix(run_id: str, stage: str) -> str:
-    return f"{layout.reports_prefix(run_id)}gx/{stage}/"
-
-
-# Inputs written by other stages (their modules own these keys; repeated here so that
-# validating never imports torch or faiss).
-def embeddings_prefix(model_version: str) -> str:
-    return f"embeddings/{model_version}/"
-
-
-def dedup_images_key(run_id: str) -> str:
-    """Every live image row -> its cluster's canonical_sha256 (schemas.tables.DEDUP_IMAGES)."""
-    return f"dedup/{run_id}/images.parquet"
-
-
-def embed_success_key(run_id: str) -> str:
-    return f"runs/{run_id}/embed/_SUCCESS.json"
-
-
-INDEX_BUILD_FILE = "_build.json"  # indexes/<name>/<snapshot_id>/_build.json: shards, vectors, recall
 
 
 # Row keys downstream stages anti-join on (also in each suite's meta.row_key).
@@ -297,20 +277,6 @@ def quarantined_keys(storage: Storage, run_id: str, stage: str) -> pa.Table:
         return pa.schema([QUARANTINE.field(k) if k in QUARANTINE.names else pa.field(k, pa.string())
                           for k in keys]).empty_table()
     return storage.read_table(key, columns=keys)
-
-
-def quarantined_sha256s(storage: Storage, run_id: str, stage: str) -> set[str]:
-    """Images (sha256) a stage quarantined in this run: validate stages (`images`, `embeddings`)
-    or, with `stage="embed"`, the embed stage's own failures. Every row-level check of the
-    images suite is a property of the bytes, so all rows of one sha256 pass or fail together."""
-    if stage in ROW_KEYS:
-        key = quarantine_key(run_id, stage)
-        if not storage.exists(key):
-            return set()
-        table = storage.read_table(key, columns=["sha256"])
-    else:
-        table = storage.read_table(layout.quarantine_prefix(run_id, stage), columns=["sha256"], schema=QUARANTINE)
-    return {sha for sha in table.column("sha256").to_pylist() if sha}
 
 
 def exclude_quarantined(df, storage: Storage, run_id: str, stage: str, spark):
@@ -967,14 +933,14 @@ def _find_build(storage: Storage, run_id: str) -> tuple[str, dict[str, Any]]:
     """The newest index build of this run: (warehouse key, its _build.json)."""
     builds = []
     for name in storage.list_dirs("indexes"):
-        for snapshot in storage.list_dirs(f"indexes/{name}"):
-            key = f"indexes/{name}/{snapshot}/{INDEX_BUILD_FILE}"
+        for snapshot in storage.list_dirs(layout.index_prefix(name)):
+            key = f"{layout.snapshot_prefix(name, snapshot)}{BUILD_FILE}"
             build = _read_json(storage, key)
             if build and build.get("source_run_id") == run_id:
                 builds.append((build.get("created_at", ""), key, build))
     if not builds:
         raise ValidationInputError(f"no index build of run {run_id} under {storage.uri_for('indexes/')} "
-                                   f"(indexes/<name>/<snapshot>/{INDEX_BUILD_FILE}): run build-index first, or "
+                                   f"(indexes/<name>/<snapshot>/{BUILD_FILE}): run build-index first, or "
                                    f"give the shard stats (--index-stats)")
     _, key, build = max(builds, key=lambda b: (b[0], b[1]))
     return key, build

@@ -33,11 +33,14 @@ import pyarrow as pa
 
 from pipelines import layout
 from pipelines.config import CrawlSettings, S3Settings, Settings
-from pipelines.fetch import Fetcher
-from pipelines.image_check import ImageRejected, inspect_image
-from pipelines.manifest import read_manifest, split_manifest_rows
+from pipelines.crawl.fetch import Fetcher
+from pipelines.crawl.image_check import ImageRejected, inspect_image
+from pipelines.crawl.manifest import read_manifest, split_manifest_rows
+from pipelines.readers import (LIVE_STATUSES, committed_crawl_runs, previous_crawl_run,  # noqa: F401
+                               read_crawl_state, read_current_images)
 from pipelines.storage import Storage, open_storage
 from schemas.tables import IMAGE_STATE, IMAGES, QUARANTINE
+from pipelines.errors import StageRefused
 
 # Failures that say nothing about the image itself: keep last night's good copy.
 TRANSIENT_REASONS = {"timeout", "connection_error", "dns_error", "http_429", "http_500", "http_502", "http_503",
@@ -55,7 +58,7 @@ def _worklist_schema() -> pa.Schema:
 WORKLIST = _worklist_schema()
 
 
-class CrawlError(RuntimeError):
+class CrawlError(StageRefused):
     """The crawl could not run at all (bad manifest, unreachable warehouse)."""
 
 
@@ -213,50 +216,12 @@ def _per_category(outcomes: list[tuple[str, dict]]) -> dict[str, dict[str, int]]
 
 
 def _task_marker(run_id: str, part: str) -> str:
-    return f"{layout.crawl_prefix(run_id)}tasks/part-{part}.json"
+    return layout.crawl_task_marker_key(run_id, part)
 
 
 # ---------------------------------------------------------------------------------------
 # driver side
 # ---------------------------------------------------------------------------------------
-
-def committed_crawl_runs(storage: Storage) -> list[str]:
-    return [r for r in storage.list_dirs("runs") if storage.exists(layout.crawl_success_key(r))]
-
-
-def previous_crawl_run(storage: Storage, run_id: str) -> str | None:
-    """The latest committed crawl run that sorts before `run_id` (run ids sort in time order)."""
-    earlier = [r for r in committed_crawl_runs(storage) if r < run_id]
-    return max(earlier) if earlier else None
-
-
-def read_crawl_state(storage: Storage, run_id: str, columns: list[str] | None = None) -> pd.DataFrame:
-    """Every image row of a committed crawl run (status fetched/not_modified/stale/carried/removed)."""
-    return storage.read_table(layout.crawl_state_prefix(run_id), columns=columns, schema=IMAGE_STATE).to_pandas()
-
-
-LIVE_STATUSES = ("fetched", "not_modified", "stale", "carried")
-
-
-def read_current_images(storage: Storage, run_id: str, categories: list[str] | None = None,
-                        with_bytes: bool = False) -> pd.DataFrame:
-    """The catalog's images as of committed crawl run `run_id`: one row per (product, image URL)
-    that is live (not removed), optionally with the bytes read from where they are stored."""
-    if not storage.exists(layout.crawl_success_key(run_id)):
-        raise CrawlError(f"crawl run {run_id} is not committed in {storage.uri} (no {layout.crawl_success_key(run_id)})")
-    state = read_crawl_state(storage, run_id)
-    state = state[state["status"].isin(LIVE_STATUSES)]
-    if categories:
-        state = state[state["category"].isin(categories)]
-    state = state.reset_index(drop=True)
-    if with_bytes:
-        blobs = {}
-        for key in sorted(state["stored_key"].dropna().unique()):
-            part = storage.read_parquet_file(key, columns=["sha256", "image"]).to_pydict()
-            blobs.update(zip(part["sha256"], part["image"]))
-        state["image"] = [blobs.get(sha) for sha in state["sha256"]]
-    return state
-
 
 def _digest(frame: pd.DataFrame, extra: dict) -> str:
     h = hashlib.sha256(pd.util.hash_pandas_object(frame.astype(str), index=False).values.tobytes())
@@ -359,8 +324,8 @@ def _clear_run_outputs(storage: Storage, run_id: str) -> None:
     """A fresh attempt at run_id replaces that run's outputs and nothing else."""
     storage.delete_prefix(layout.crawl_prefix(run_id))
     storage.delete_prefix(layout.quarantine_prefix(run_id, "crawl"))
-    for segment in storage.list_dirs("images"):
-        storage.delete_prefix(f"images/{segment}/run_id={run_id}/")
+    for segment in storage.list_dirs(layout.IMAGES_ROOT):
+        storage.delete_prefix(layout.images_run_prefix(segment, run_id))
 
 
 def _write_driver_rows(storage: Storage, run_id: str, rejected: pd.DataFrame, manifest: pd.DataFrame,

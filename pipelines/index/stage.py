@@ -41,23 +41,23 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
-from typing import Any, Iterator, Literal, Protocol, Sequence
+from typing import Any, Iterator, Protocol, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from pydantic import BaseModel, ConfigDict, Field
 
 from pipelines.config import S3Settings, Settings, IndexSettings
+from pipelines import layout
 from pipelines.layout import check_run_id
+from pipelines.dedup import with_valid_canonicals
+from pipelines.readers import quarantined_sha256s
 from pipelines.storage import Storage, open_storage
 from schemas.tables import INDEX_IDMAP, QUARANTINE
+from pipelines.errors import StageRefused
+from pipelines.snapshot import (BUILD_FILE, METRIC, MODEL_PCA_PATH, RECALL_K, apply_search_params,  # noqa: F401
+                                shard_idmap_path, shard_index_path)
 
-RECALL_K = 10
-BUILD_FILE = "_build.json"
-METRIC = "inner_product"
-MODEL_PCA_PATH = "model/pca.npz"
 
 
 # IndexSettings lives in pipelines.config (the `index:` section of Settings).
@@ -73,11 +73,13 @@ def index_settings_from(settings: Settings) -> IndexSettings:
     return IndexSettings.model_validate(section or {})
 
 
-class IndexBuildError(ValueError):
+class IndexBuildError(StageRefused, ValueError):
     """The build cannot start or continue; the message says what to fix."""
 
+    exit_code = 2  # the CLI has always answered these with 2: fix the input (run id, snapshot id) and rerun
 
-class IndexCheckFailed(RuntimeError):
+
+class IndexCheckFailed(StageRefused):
     """A shard's measured recall@10 is below `index.min_recall`: the build is not publishable."""
 
     def __init__(self, message: str, failing: list[dict]):
@@ -89,33 +91,8 @@ class IndexCheckFailed(RuntimeError):
 # warehouse keys (indexes/<name>/...)
 # ------------------------------------------------------------------------------------------
 
-def index_prefix(name: str) -> str:
-    return f"indexes/{name}/"
-
-
-def snapshot_prefix(name: str, snapshot_id: str) -> str:
-    return f"indexes/{name}/{snapshot_id}/"
-
-
-def latest_key(name: str) -> str:
-    return f"indexes/{name}/LATEST"
-
-
-def dedup_images_key(run_id: str) -> str:
-    return f"dedup/{run_id}/images.parquet"
-
-
-def embeddings_prefix(model_version: str) -> str:
-    return f"embeddings/{model_version}/"
-
-
-def shard_index_path(shard_id: str) -> str:
-    """Path of a shard file inside a snapshot directory (the same locally and in the warehouse)."""
-    return f"shards/{shard_id}.faiss"
-
-
-def shard_idmap_path(shard_id: str) -> str:
-    return f"idmaps/{shard_id}.parquet"
+index_prefix, snapshot_prefix, latest_key = layout.index_prefix, layout.snapshot_prefix, layout.latest_key
+dedup_images_key, embeddings_prefix = layout.dedup_images_key, layout.embeddings_prefix
 
 
 def new_snapshot_id(now: datetime | None = None) -> str:
@@ -385,16 +362,6 @@ def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray, query_ids: np.nda
 def _search_with(index, queries: np.ndarray, k: int, params: dict[str, int]) -> np.ndarray:
     apply_search_params(index, params)
     return index.search(queries, k)[1]
-
-
-def apply_search_params(index, params: dict[str, int]) -> None:
-    """Set nprobe / efSearch on a loaded index (both are also stored in the file itself)."""
-    import faiss
-
-    if "nprobe" in params:
-        faiss.extract_index_ivf(index).nprobe = int(params["nprobe"])
-    if "efSearch" in params:
-        faiss.downcast_index(index).hnsw.efSearch = int(params["efSearch"])
 
 
 def _candidate_values(kind: str, nlist: int) -> tuple[str, list[int]]:
@@ -949,9 +916,6 @@ def read_dedup_members(storage: Storage, run_id: str) -> pa.Table:
     # there; they are not indexed and must not count as missing vectors here. A cluster whose
     # canonical image was rejected is represented by its best valid member, as the embed stage
     # chose it (pipelines.dedup.with_valid_canonicals).
-    from pipelines.dedup import with_valid_canonicals
-    from pipelines.validate import quarantined_sha256s
-
     frame = table.to_pandas()
     rejected_images = quarantined_sha256s(storage, run_id, "images")
     if {"sha256", "cluster_id", "width", "height", "fetched_at"} <= set(frame.columns):
@@ -983,7 +947,7 @@ def _plan_members(members: pa.Table, plan: ShardPlan) -> pa.Table:
 def _members_digest(rows: pa.Table) -> str:
     """Fingerprint of a shard's member rows, whatever their order: what the shard is built from
     (with the model version, whose vectors are immutable, and the index settings)."""
-    from pipelines.validation_memo import rows_digest
+    from pipelines.fingerprint import rows_digest
 
     return rows_digest(rows, rows.column_names)
 
@@ -1178,7 +1142,7 @@ def build_index(settings: Settings, run_id: str | None = None, *, model: Any = N
 def _describe_model(model: Any) -> tuple[dict, dict[str, bytes]]:
     """(description for the manifest, files the snapshot must carry to reproduce query vectors)."""
     if model is None:
-        from pipelines.model import default_spec
+        from pipelines.embed.model import default_spec
 
         model = default_spec()
     if isinstance(model, dict):
@@ -1223,13 +1187,13 @@ def _quarantine_missing(storage: Storage, run_id: str, members: pa.Table, missin
         "http_status": pa.nulls(rows.num_rows, pa.int32()),
         "at": pa.array([now] * rows.num_rows, type=pa.timestamp("us", tz="UTC")),
     }, schema=QUARANTINE)
-    storage.write_table(f"quarantine/{run_id}/index/missing_embedding.parquet", table)
+    storage.write_table(layout.missing_embedding_quarantine_key(run_id), table)
 
 
 def model_for_version(version: str | None) -> Any:
     """The model to record for `--model-version`: the installed spec when it is that version,
     else a bare description (such a snapshot is searchable by vector, not by image)."""
-    from pipelines.model import default_spec, model_version
+    from pipelines.embed.model import default_spec, model_version
 
     spec = default_spec()
     if version is None or model_version(spec) == version:

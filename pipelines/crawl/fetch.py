@@ -24,7 +24,7 @@ from requests.adapters import HTTPAdapter
 from tenacity import RetryError, Retrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
 from pipelines.config import CrawlSettings, S3Settings
-from pipelines.url_safety import UrlPolicy, UrlRejected
+from pipelines.crawl.url_safety import UrlPolicy, UrlRejected
 
 
 @dataclass

@@ -6,7 +6,6 @@ errors: `split_manifest_rows` sends them to quarantine with a reason code.
 """
 from __future__ import annotations
 
-import io
 from pathlib import PurePosixPath
 from urllib.parse import urlsplit
 
@@ -19,12 +18,13 @@ import pyarrow.parquet as pq
 from pipelines.config import S3Settings
 from pipelines.storage import StorageError, read_uri_bytes
 from schemas.tables import MANIFEST
+from pipelines.errors import UsageError
 
 REQUIRED_COLUMNS = ("product_id", "category", "image_url")
 OPTIONAL_COLUMNS = ("title",)
 
 
-class ManifestError(ValueError):
+class ManifestError(UsageError):
     """The manifest cannot be used at all; the message says what was found and what is expected."""
 
 

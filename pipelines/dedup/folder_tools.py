@@ -23,7 +23,7 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".ti
 def _hash_files(paths: list[str], draft_size: int | None = None) -> list[dict]:
     from PIL import Image
 
-    from pipelines.phash import phash_hex, try_phash_many
+    from pipelines.dedup.phash import phash_hex, try_phash_many
 
     warnings.filterwarnings("ignore", "Palette images with Transparency", UserWarning)
     blobs = [Path(p).read_bytes() for p in paths]
@@ -73,8 +73,8 @@ def download_manifest_images(manifest_uri: str, folder: Path, crawl=None) -> dic
     from concurrent.futures import ThreadPoolExecutor
 
     from pipelines.config import CrawlSettings
-    from pipelines.fetch import Fetcher
-    from pipelines.manifest import read_manifest
+    from pipelines.crawl.fetch import Fetcher
+    from pipelines.crawl.manifest import read_manifest
 
     crawl = crawl or CrawlSettings()
     urls = sorted({u for u in read_manifest(manifest_uri).column("image_url").to_pylist() if u})
@@ -97,8 +97,8 @@ def near_duplicate_pairs(hashes: pd.DataFrame, max_distance: int, confirm: bool 
                          threshold: float | None = None) -> pd.DataFrame:
     """All pairs of hashed files within `max_distance` bits; with `confirm`, the pixel-level
     score of each pair decides `confirmed` (files must still be readable at `path`)."""
-    from pipelines.near_duplicates import CONFIRMATION_THRESHOLD, confirmation_scores, find_near_duplicates
-    from pipelines.phash import open_image
+    from pipelines.dedup.near_duplicates import CONFIRMATION_THRESHOLD, confirmation_scores, find_near_duplicates
+    from pipelines.dedup.phash import open_image
 
     ok = hashes[hashes["phash"].notna()].reset_index(drop=True)
     values = np.array([int(h, 16) for h in ok["phash"]], dtype=np.uint64)

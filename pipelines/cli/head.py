@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import argparse
 
-from pipelines.cli import EPILOG, _settings
+from pipelines.cli.common import EPILOG, settings_from_args
 from pipelines.progress import console, make_progress
 
 
 def add_head_commands(sub) -> None:
-    from pipelines.head_settings import HeadSettings
+    from pipelines.config import HeadSettings
 
     defaults = HeadSettings()
     p = sub.add_parser(
@@ -55,13 +55,13 @@ def add_head_commands(sub) -> None:
 
 
 def cmd_train_head(args) -> int:
-    from pipelines.dedup import DedupError
-    from pipelines.head import HeadError, HeadSettings, train_head
+    from pipelines.dedup.stage import DedupError
+    from pipelines.embed.head import HeadError, HeadSettings, train_head
 
     head_settings = HeadSettings(epochs=args.epochs, dim=args.dim, holdout=args.holdout, seed=args.seed,
                                  batch_size=args.batch_size, learning_rate=args.learning_rate,
                                  temperature=args.temperature, min_gain=args.min_gain)
-    settings = _settings(args)
+    settings = settings_from_args(args)
     console.print(f"train-head on dedup run [bold]{args.run_id}[/] in {settings.warehouse}")
     try:
         with make_progress() as progress:

@@ -39,7 +39,7 @@ import scipy.sparse
 import scipy.sparse.csgraph
 from PIL import Image
 
-from pipelines.phash import flatten_alpha
+from pipelines.dedup.phash import flatten_alpha
 
 HASH_BITS = 64
 

@@ -27,24 +27,24 @@ import pyarrow as pa
 
 from pipelines import layout
 from pipelines.config import EmbedSettings, S3Settings, Settings
-from pipelines.crawl import read_current_images
-from pipelines.dedup import read_dedup_images, with_valid_canonicals
+from pipelines.dedup import with_valid_canonicals
+from pipelines.readers import failed_shas, quarantined_sha256s, read_current_images, read_dedup_images, read_embeddings  # noqa: F401
 from pipelines.storage import Storage, open_storage
 from schemas.tables import EMBEDDINGS, QUARANTINE
+from pipelines.errors import StageRefused
 
 
-class EmbedError(RuntimeError):
+class EmbedError(StageRefused):
     pass
 
 
-def embeddings_prefix(version: str) -> str:
-    return f"embeddings/{version}/"
+embeddings_prefix = layout.embeddings_prefix
 
 
 def spec_from_settings(cfg: EmbedSettings, storage: Storage | None = None):
     """The model spec the settings describe. With `pca_dim`, the PCA fitted on the catalog
     (`models/pca/…`, see fit_catalog_pca) is part of the spec, so it needs the warehouse."""
-    from pipelines.model import PcaProjection, Preprocessing, default_spec
+    from pipelines.embed.model import PcaProjection, Preprocessing, default_spec
 
     base = default_spec(pooling=cfg.pooling, preprocessing=Preprocessing(framing=cfg.framing))
     if not cfg.pca_dim:
@@ -56,16 +56,16 @@ def spec_from_settings(cfg: EmbedSettings, storage: Storage | None = None):
 
 
 def pca_key(base_spec, cfg: EmbedSettings) -> str:
-    from pipelines.model import model_version
+    from pipelines.embed.model import model_version
 
-    return f"models/pca/{model_version(base_spec)}-d{cfg.pca_dim}{'-whiten' if cfg.pca_whiten else ''}.npz"
+    return layout.pca_key(model_version(base_spec), cfg.pca_dim, cfg.pca_whiten)
 
 
 def fit_catalog_pca(storage: Storage, base_spec, cfg: EmbedSettings, canonical: list[str]):
     """The catalog's PCA: fitted once on the full-dimension vectors of the canonical images,
     then kept (delete models/pca/<key> to refit), so the model version stays stable night to night."""
-    from pipelines.embedding import fit_pca
-    from pipelines.model import PcaProjection, model_version
+    from pipelines.embed.embedder import fit_pca
+    from pipelines.embed.model import PcaProjection, model_version
 
     key = pca_key(base_spec, cfg)
     if storage.exists(key):
@@ -82,8 +82,8 @@ def fit_catalog_pca(storage: Storage, base_spec, cfg: EmbedSettings, canonical: 
 
 def _project_with_pca(storage: Storage, run_id: str, base_spec, cfg: EmbedSettings, canonical: list[str]) -> tuple[str, int]:
     """Write PCA-projected vectors for canonical images the PCA version lacks; returns (version, written)."""
-    from pipelines.embedding import apply_pca
-    from pipelines.model import model_version
+    from pipelines.embed.embedder import apply_pca
+    from pipelines.embed.model import model_version
 
     pca = fit_catalog_pca(storage, base_spec, cfg, canonical)
     version = model_version(replace(base_spec, pca=pca))
@@ -135,7 +135,7 @@ class EmbedSummary:
 
 def task_device(resource_name: str = "gpu"):
     """The device this Spark task was given: its GPU address, or the CPU."""
-    from pipelines.model import choose_device
+    from pipelines.embed.model import choose_device
 
     resources = None
     try:
@@ -149,7 +149,7 @@ def task_device(resource_name: str = "gpu"):
 
 
 def embed_task(task: EmbedTask) -> dict:
-    from pipelines.embedding import get_embedder
+    from pipelines.embed.embedder import get_embedder
 
     storage = open_storage(task.warehouse, task.s3)
     spec = spec_from_settings(task.embed.model_copy(update={"pca_dim": None}))  # PCA is applied on the driver
@@ -189,26 +189,14 @@ def embed_task(task: EmbedTask) -> dict:
             "device": str(device), "version": embedder.version}
 
 
-def read_embeddings(storage: Storage, version: str, columns: list[str] | None = None) -> pd.DataFrame:
-    """The cached vectors of one model version (latest per sha256 if a rerun wrote it twice)."""
-    table = storage.read_table(embeddings_prefix(version), columns=columns, schema=EMBEDDINGS).to_pandas()
-    return table.drop_duplicates("sha256", keep="last").reset_index(drop=True)
-
-
-def failed_shas(storage: Storage, run_id: str) -> set[str]:
-    return set(storage.read_table(layout.quarantine_prefix(run_id, "embed"), columns=["sha256"],
-                                  schema=QUARANTINE).column("sha256").to_pylist())
-
-
 def run_embed(settings: Settings, run_id: str, *, runner: str = "spark", spark=None) -> EmbedSummary:
-    from pipelines.model import model_version
+    from pipelines.embed.model import model_version
 
     started = time.monotonic()
     storage = open_storage(settings.warehouse, settings.s3)
     base_spec = spec_from_settings(settings.embed.model_copy(update={"pca_dim": None}))
     version = model_version(base_spec)
     dedup = read_dedup_images(storage, run_id)
-    from pipelines.validate import quarantined_sha256s
 
     # Images the validate stage quarantined (too small, odd aspect ratio...) are not embedded;
     # a cluster whose canonical image was rejected is represented by its best valid member.
@@ -255,5 +243,5 @@ def run_embed(settings: Settings, run_id: str, *, runner: str = "spark", spark=N
     if summary.reused + summary.embedded + summary.quarantined != summary.canonical_images:
         raise EmbedError(f"accounting mismatch in embed {run_id}: {summary.reused} reused + {summary.embedded} "
                          f"embedded + {summary.quarantined} quarantined != {summary.canonical_images} canonical images")
-    storage.write_text(f"runs/{run_id}/embed/_SUCCESS.json", summary.to_json())
+    storage.write_text(layout.embed_success_key(run_id), summary.to_json())
     return summary

@@ -30,113 +30,30 @@ talks to storage; it works on bytes already fetched.
 
 from __future__ import annotations
 
-import io
-import warnings
-import zlib
 from collections.abc import Sequence
 
 import numpy as np
 import scipy.fftpack
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
+
+from pipelines.decode import DEFAULT_MAX_PIXELS, ImageDecodeError, flatten_alpha  # noqa: F401 (re-exported)
+from pipelines.decode import open_image as decode_image
+from schemas.reasons import CORRUPT, DECOMPRESSION_BOMB, NOT_AN_IMAGE, TRUNCATED  # noqa: F401 (re-exported)
 
 HASH_SIZE = 8
 RESIZED_SIDE = 32  # imagehash: hash_size * highfreq_factor (4)
 
-DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS
-
-# Reason codes written to the quarantine table.
-NOT_AN_IMAGE = "not_an_image"
-TRUNCATED = "truncated"
-CORRUPT = "corrupt"
-DECOMPRESSION_BOMB = "decompression_bomb"
 
 
-class ImageDecodeError(ValueError):
-    """Bytes that cannot be hashed; ``reason`` is one of the module's reason codes."""
-
-    def __init__(self, reason: str, detail: str, index: int | None = None):
-        self.reason = reason
-        self.detail = detail
-        self.index = index
-        where = f" (item {index})" if index is not None else ""
-        super().__init__(f"cannot decode image{where}: {reason}: {detail}")
-
-
-def open_image(
-    data: bytes,
-    *,
-    draft_size: int | None = None,
-    max_pixels: int | None = DEFAULT_MAX_PIXELS,
-) -> Image.Image:
-    """Decode ``data`` fully into a PIL image, or raise ImageDecodeError.
+def open_image(data: bytes, *, draft_size: int | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode ``data`` fully (pipelines.decode), or raise ImageDecodeError.
 
     ``draft_size`` asks JPEG decoders for a reduced-scale grayscale decode that keeps at
     least ``draft_size`` pixels per side; other formats ignore it.
     ``max_pixels`` rejects images whose header declares more pixels (None: no limit).
     """
-    if not data:
-        raise ImageDecodeError(NOT_AN_IMAGE, "zero bytes")
-    try:
-        with warnings.catch_warnings():
-            # Pillow only warns between MAX_IMAGE_PIXELS and twice that; we want a decision.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise ImageDecodeError(DECOMPRESSION_BOMB, str(error)) from error
-    except UnidentifiedImageError as error:
-        signature = _image_signature(data)
-        if signature:  # starts like an image, but the header is cut or broken
-            raise ImageDecodeError(CORRUPT, f"{signature} signature but unreadable header") from error
-        raise ImageDecodeError(NOT_AN_IMAGE, f"unrecognised format, starts with {data[:16]!r}") from error
-    except (OSError, SyntaxError, ValueError, EOFError) as error:
-        raise _load_error(error) from error
-
-    width, height = image.size
-    if max_pixels is not None and width * height > max_pixels:
-        raise ImageDecodeError(DECOMPRESSION_BOMB, f"{width}x{height} exceeds {max_pixels} pixels")
-    if draft_size is not None and image.format == "JPEG":
-        image.draft("L", (draft_size, draft_size))
-    try:
-        image.load()
-    except (OSError, SyntaxError, ValueError, EOFError, zlib.error, MemoryError) as error:
-        raise _load_error(error) from error
-    return image
-
-
-_SIGNATURES = (
-    (b"\xff\xd8\xff", "JPEG"),
-    (b"\x89PNG\r\n\x1a\n", "PNG"),
-    (b"GIF8", "GIF"),
-    (b"BM", "BMP"),
-    (b"II*\x00", "TIFF"),
-    (b"MM\x00*", "TIFF"),
-)
-
-
-def _image_signature(data: bytes) -> str | None:
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "WEBP"
-    return next((name for magic, name in _SIGNATURES if data.startswith(magic)), None)
-
-
-def _load_error(error: BaseException) -> ImageDecodeError:
-    """Pillow reports a cut-off file as EOFError or as an OSError saying 'truncated'."""
-    message = f"{type(error).__name__}: {error}"
-    truncated = isinstance(error, EOFError) or "truncated" in str(error).lower()
-    return ImageDecodeError(TRUNCATED if truncated else CORRUPT, message)
-
-
-def flatten_alpha(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
-    """The image with its transparent pixels composited on ``background`` (a product shot on
-    white), as RGB; an image without transparency is returned unchanged."""
-    if image.mode in ("P", "PA") and (image.mode == "PA" or "transparency" in image.info):
-        image = image.convert("RGBA")
-    if image.mode not in ("RGBA", "LA", "La", "RGBa"):
-        return image
-    rgba = image.convert("RGBA")
-    canvas = Image.new("RGB", rgba.size, background)
-    canvas.paste(rgba, mask=rgba.getchannel("A"))
-    return canvas
+    draft = None if draft_size is None else (lambda width, height: ("L", (draft_size, draft_size)))
+    return decode_image(data, max_pixels=max_pixels, draft=draft)
 
 
 def resized_grayscale(image: Image.Image) -> np.ndarray:

@@ -13,7 +13,6 @@ cosine ~0.99 of the CPU path (median 0.999 on the benchmark set), not bit-equal 
 """
 from __future__ import annotations
 
-import io
 import os
 import threading
 import warnings
@@ -25,30 +24,18 @@ from typing import Iterable, Iterator
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image, ImageChops, UnidentifiedImageError
+from PIL import Image, ImageChops
 
-from pipelines.model import (FEATURE_DIM, ModelSpec, PcaProjection, Preprocessing, load_embedding_model,
-                             model_version, pixels_to_input)
-from pipelines.phash import flatten_alpha
-
-# Reason codes, shared with the crawl stage's image check so quarantine reports read the same.
-NOT_AN_IMAGE = "not_an_image"
-TRUNCATED = "truncated"
-CORRUPT = "corrupt"
-DECOMPRESSION_BOMB = "decompression_bomb"
+from pipelines.decode import DECODE_ERRORS, ImageDecodeError, decode_failure, flatten_alpha, open_image
+from pipelines.embed.model import (FEATURE_DIM, ModelSpec, PcaProjection, Preprocessing, load_embedding_model,
+                                   model_version, pixels_to_input)
+from schemas.reasons import CORRUPT, DECOMPRESSION_BOMB, NOT_AN_IMAGE, TRUNCATED  # noqa: F401 (re-exported)
 
 EMBEDDING_COLUMNS = ["sha256", "vector"]
 FAILURE_COLUMNS = ["sha256", "reason", "detail"]
 
 _RESAMPLING = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
                "lanczos": Image.Resampling.LANCZOS}
-
-
-class ImageDecodeError(ValueError):
-    def __init__(self, reason: str, detail: str):
-        super().__init__(detail)
-        self.reason = reason
-        self.detail = detail
 
 
 def center_crop_box(width: int, height: int, preprocessing: Preprocessing) -> tuple[float, float, float, float]:
@@ -138,18 +125,19 @@ def decode_for_model(data: bytes, preprocessing: Preprocessing) -> np.ndarray:
     JPEGs are decoded at reduced size in the DCT domain (`draft`), never below the
     resize target. Raises ImageDecodeError with a reason code; nothing else escapes.
     """
-    if not data:
-        raise ImageDecodeError(NOT_AN_IMAGE, "zero bytes")
+    def draft(width: int, height: int):
+        if not preprocessing.jpeg_draft:
+            return None
+        # draft picks the largest 1/2, 1/4, 1/8 scale that keeps both sides >= the request
+        factor = preprocessing.resize_shorter / min(width, height)
+        return "RGB", (int(np.ceil(width * factor)), int(np.ceil(height * factor)))
+
+    header_size: list[int] = []
+    image = open_image(data, max_pixels=None, draft=draft, check=lambda opened: header_size.extend(opened.size))
+    width, height = header_size
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # PIL warns about EXIF/palette quirks we handle anyway
-            image = Image.open(io.BytesIO(data))
-            width, height = image.size
-            if image.format == "JPEG" and preprocessing.jpeg_draft:
-                # draft picks the largest 1/2, 1/4, 1/8 scale that keeps both sides >= the request
-                factor = preprocessing.resize_shorter / min(width, height)
-                image.draft("RGB", (int(np.ceil(width * factor)), int(np.ceil(height * factor))))
-            image.load()
             if image.mode != "RGB":
                 # before resizing: palettes resample as nearest-neighbour, and alpha needs compositing
                 image = _to_rgb(image, preprocessing.background)
@@ -166,14 +154,8 @@ def decode_for_model(data: bytes, preprocessing: Preprocessing) -> np.ndarray:
                 framed = image.resize(size, _RESAMPLING[preprocessing.interpolation], box=box,
                                       reducing_gap=preprocessing.reducing_gap)
             pixels = np.array(framed, dtype=np.uint8)  # writable: torch.from_numpy warns on read-only arrays
-    except Image.DecompressionBombError as exc:
-        raise ImageDecodeError(DECOMPRESSION_BOMB, str(exc)) from None
-    except UnidentifiedImageError as exc:
-        raise ImageDecodeError(NOT_AN_IMAGE, f"no known image format (starts with {data[:8]!r})") from None
-    except (OSError, ValueError, EOFError, SyntaxError, TypeError, IndexError, MemoryError) as exc:
-        message = str(exc)
-        truncated = isinstance(exc, EOFError) or "truncated" in message or "not enough data" in message
-        raise ImageDecodeError(TRUNCATED if truncated else CORRUPT, f"cannot decode: {message}") from None
+    except DECODE_ERRORS as exc:
+        raise decode_failure(exc) from None
     if pixels.shape != (preprocessing.crop, preprocessing.crop, 3):
         raise ImageDecodeError(CORRUPT, f"decoded to unexpected shape {pixels.shape}")
     return pixels

@@ -31,16 +31,17 @@ import pyarrow as pa
 
 from pipelines import layout
 from pipelines.config import DedupSettings, S3Settings, Settings
-from pipelines.crawl import read_current_images
+from pipelines.readers import (committed_dedup_runs, previous_dedup_run, read_current_images,  # noqa: F401
+                               read_dedup_images)
 from pipelines.storage import Storage, open_storage
 from schemas.tables import DEDUP_IMAGES, DEDUP_PAIRS, QUARANTINE
+from pipelines.errors import StageRefused
 
-HASHES_ROOT = "dedup/hashes/"
 HASH_CACHE = pa.schema([("sha256", pa.string()), ("phash", pa.string()), ("reason", pa.string()),
                         ("detail", pa.string()), ("run_id", pa.string())])
 
 
-class DedupError(RuntimeError):
+class DedupError(StageRefused):
     pass
 
 
@@ -95,12 +96,6 @@ class DedupSummary:
         return json.dumps({**asdict(self), "accounted": self.accounted}, indent=2, sort_keys=True)
 
 
-def dedup_prefix(run_id: str) -> str:
-    return f"dedup/{run_id}/"
-
-
-def dedup_success_key(run_id: str) -> str:
-    return f"dedup/{run_id}/_SUCCESS.json"
 
 
 # ---------------------------------------------------------------------------------------
@@ -109,7 +104,7 @@ def dedup_success_key(run_id: str) -> str:
 
 def hash_task(task: HashTask) -> dict:
     """pHash the requested images of one stored part file; write a cache part."""
-    from pipelines.phash import phash_hex, try_phash_many
+    from pipelines.dedup.phash import phash_hex, try_phash_many
 
     storage = open_storage(task.warehouse, task.s3)
     wanted = set(task.sha256s)
@@ -133,8 +128,8 @@ def hash_task(task: HashTask) -> dict:
 
 def confirm_task(task: ConfirmTask) -> list[float]:
     """Pixel-level confirmation scores of candidate pairs (the images are decoded once each)."""
-    from pipelines.near_duplicates import confirmation_scores
-    from pipelines.phash import open_image
+    from pipelines.dedup.near_duplicates import confirmation_scores
+    from pipelines.dedup.phash import open_image
 
     storage = open_storage(task.warehouse, task.s3)
     needed = sorted({s for pair in task.pairs for s in pair})
@@ -164,9 +159,7 @@ HASH_VERSION = 2
 
 
 def hash_cache_prefix(draft_size: int | None) -> str:
-    """pHashes are cached per sha256, per decode mode (a drafted JPEG decode hashes differently)
-    and per HASH_VERSION."""
-    return f"{HASHES_ROOT}v{HASH_VERSION}-{'exact' if draft_size is None else f'draft{draft_size}'}/"
+    return layout.hash_cache_prefix(HASH_VERSION, draft_size)
 
 
 def read_hash_cache(storage: Storage, draft_size: int | None) -> pd.DataFrame:
@@ -174,22 +167,6 @@ def read_hash_cache(storage: Storage, draft_size: int | None) -> pd.DataFrame:
     # A later successful hash of the same bytes wins over an earlier failure.
     cache = cache.sort_values(["sha256", "phash"], na_position="first").drop_duplicates("sha256", keep="last")
     return cache.set_index("sha256")
-
-
-def committed_dedup_runs(storage: Storage) -> list[str]:
-    return [r for r in storage.list_dirs("dedup") if r != "hashes" and storage.exists(dedup_success_key(r))]
-
-
-def previous_dedup_run(storage: Storage, run_id: str) -> str | None:
-    earlier = [r for r in committed_dedup_runs(storage) if r < run_id]
-    return max(earlier) if earlier else None
-
-
-def read_dedup_images(storage: Storage, run_id: str) -> pd.DataFrame:
-    if not storage.exists(dedup_success_key(run_id)):
-        raise DedupError(f"dedup run {run_id} is not committed in {storage.uri}: run `catalog-index dedup "
-                         f"--run-id {run_id}` first")
-    return storage.read_table(f"{dedup_prefix(run_id)}images.parquet", schema=DEDUP_IMAGES).to_pandas()
 
 
 def with_valid_canonicals(rows: pd.DataFrame, rejected: set[str]) -> pd.DataFrame:
@@ -202,7 +179,7 @@ def with_valid_canonicals(rows: pd.DataFrame, rejected: set[str]) -> pd.DataFram
     byte size...) that a copy of it passes; without this, every product of the cluster would
     lose its picture. `cluster_id` keeps naming the cluster as dedup found it.
     """
-    from pipelines.near_duplicates import choose_canonical
+    from pipelines.dedup.near_duplicates import choose_canonical
 
     orphaned = rows["canonical_sha256"].isin(rejected)
     if not orphaned.any():
@@ -256,7 +233,7 @@ def _confirm(storage, settings: Settings, pairs: list[tuple[str, str]], location
 
 
 def run_dedup(settings: Settings, run_id: str, *, runner: str = "spark", spark=None) -> DedupSummary:
-    from pipelines.near_duplicates import choose_canonical, connected_components, find_near_duplicates_between
+    from pipelines.dedup.near_duplicates import choose_canonical, connected_components, find_near_duplicates_between
 
     started = time.monotonic()
     cfg: DedupSettings = settings.dedup
@@ -266,7 +243,7 @@ def run_dedup(settings: Settings, run_id: str, *, runner: str = "spark", spark=N
     summary = DedupSummary(run_id=run_id, crawl_run_id=run_id, previous_run_id=previous,
                            max_distance=cfg.max_distance, confirm_threshold=cfg.confirm_threshold,
                            image_rows=len(images))
-    storage.delete_prefix(dedup_prefix(run_id))  # a rerun replaces this run's outputs only
+    storage.delete_prefix(layout.dedup_prefix(run_id))  # a rerun replaces this run's outputs only
     storage.delete_prefix(layout.quarantine_prefix(run_id, "dedup"))
 
     cache, summary.hashed_now = _hash_missing(storage, settings, run_id, images, runner, spark)
@@ -288,8 +265,8 @@ def run_dedup(settings: Settings, run_id: str, *, runner: str = "spark", spark=N
     seen_before: set[str] = set()
     reused = pd.DataFrame(columns=DEDUP_PAIRS.names)
     if previous:
-        prev_images = storage.read_table(f"{dedup_prefix(previous)}images.parquet", columns=["sha256"]).to_pandas()
-        prev_pairs = storage.read_table(f"{dedup_prefix(previous)}pairs.parquet", schema=DEDUP_PAIRS).to_pandas()
+        prev_images = storage.read_table(layout.dedup_images_key(previous), columns=["sha256"]).to_pandas()
+        prev_pairs = storage.read_table(layout.dedup_pairs_key(previous), schema=DEDUP_PAIRS).to_pandas()
         same_rules = _rules(storage, previous) == _rules_now(cfg)
         if same_rules:
             seen_before = set(prev_images["sha256"]) & set(position)
@@ -341,9 +318,9 @@ def run_dedup(settings: Settings, run_id: str, *, runner: str = "spark", spark=N
     summary.exact_duplicate_rows = int((rows["duplicate_kind"] == "exact").sum())
     summary.near_duplicate_rows = int((rows["duplicate_kind"] == "near").sum())
 
-    storage.write_table(f"{dedup_prefix(run_id)}images.parquet",
+    storage.write_table(layout.dedup_images_key(run_id),
                         pa.Table.from_pandas(rows, schema=DEDUP_IMAGES, preserve_index=False))
-    storage.write_table(f"{dedup_prefix(run_id)}pairs.parquet",
+    storage.write_table(layout.dedup_pairs_key(run_id),
                         pa.Table.from_pandas(pairs, schema=DEDUP_PAIRS, preserve_index=False))
     now = pd.Timestamp(datetime.now(timezone.utc))
     quarantine = [{"run_id": run_id, "stage": "dedup", "reason": r.reason or "hash_failed", "detail": r.detail,
@@ -354,19 +331,19 @@ def run_dedup(settings: Settings, run_id: str, *, runner: str = "spark", spark=N
     summary.elapsed_s = round(time.monotonic() - started, 3)
     if summary.accounted != summary.image_rows:
         raise DedupError(f"accounting mismatch in dedup {run_id}: {summary.accounted} of {summary.image_rows} rows")
-    storage.write_text(f"{dedup_prefix(run_id)}rules.json", json.dumps(_rules_now(cfg), sort_keys=True))
-    storage.write_text(dedup_success_key(run_id), summary.to_json())
+    storage.write_text(layout.dedup_rules_key(run_id), json.dumps(_rules_now(cfg), sort_keys=True))
+    storage.write_text(layout.dedup_success_key(run_id), summary.to_json())
     return summary
 
 
 def _rules_now(cfg: DedupSettings) -> dict:
     """What a pair's verdict depends on: reuse old verdicts only when these are unchanged."""
-    from pipelines.near_duplicates import CONFIRMATION_CROPS
+    from pipelines.dedup.near_duplicates import CONFIRMATION_CROPS
 
     return {"max_distance": cfg.max_distance, "confirm_threshold": cfg.confirm_threshold,
             "crops": list(CONFIRMATION_CROPS), "draft": cfg.jpeg_draft_size, "hash_version": HASH_VERSION}
 
 
 def _rules(storage: Storage, run_id: str) -> dict | None:
-    key = f"{dedup_prefix(run_id)}rules.json"
+    key = layout.dedup_rules_key(run_id)
     return json.loads(storage.read_text(key)) if storage.exists(key) else None

@@ -45,15 +45,17 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pipelines.head_settings import HeadSettings  # noqa: F401  (re-exported: the head's public settings)
+from pipelines.config import HeadSettings  # noqa: F401  (re-exported: the head's public settings)
 from pipelines.storage import Storage
+from pipelines import layout
+from pipelines.errors import StageRefused
 
-HEADS_PREFIX = "models/heads/"
-ADOPTED_KEY = "models/heads/ADOPTED.json"
+HEADS_PREFIX = layout.HEADS_PREFIX
+ADOPTED_KEY = layout.ADOPTED_HEAD_KEY
 ARCHITECTURE = "linear-l2"
 
 
-class HeadError(RuntimeError):
+class HeadError(StageRefused):
     """train-head cannot run on this input; the message says what to do."""
 
 
@@ -208,7 +210,7 @@ def principal_directions(storage: Storage, model_version: str, labels: Mapping[s
     Starting there, the head's first epoch already ranks about like the raw vectors do; the
     loss then only has to move it towards the categories.
     """
-    from pipelines.petastorm_loaders import open_embedding_loader
+    from pipelines.embed.loaders import open_embedding_loader
 
     moment = None
     count = 0
@@ -252,7 +254,7 @@ def _torch_threads(count: int):
 
 
 def _train(storage, model_version, labels, settings, on_epoch, local_parts_dir):
-    from pipelines.petastorm_loaders import open_embedding_loader
+    from pipelines.embed.loaders import open_embedding_loader
 
     init = principal_directions(storage, model_version, labels, settings.dim, local_parts_dir)
     torch.manual_seed(settings.seed)  # nothing is random in the model today; any future dropout stays seeded
@@ -297,15 +299,15 @@ def train_head(settings, run_id: str, head_settings: HeadSettings = HeadSettings
 
     `progress(epoch, mean_loss)` is called after every epoch.
     """
-    from pipelines.dedup import read_dedup_images
-    from pipelines.embed import read_embeddings, spec_from_settings
-    from pipelines.petastorm_loaders import read_labelled_vectors
+    from pipelines.dedup.stage import read_dedup_images
+    from pipelines.embed.stage import read_embeddings, spec_from_settings
+    from pipelines.embed.loaders import read_labelled_vectors
     from pipelines.storage import open_storage
 
     started = time.monotonic()
     storage = open_storage(settings.warehouse, settings.s3)
     if model_version is None:
-        from pipelines.model import model_version as version_of
+        from pipelines.embed.model import model_version as version_of
 
         model_version = version_of(spec_from_settings(settings.embed))
     dedup = read_dedup_images(storage, run_id)
@@ -352,13 +354,13 @@ def train_head(settings, run_id: str, head_settings: HeadSettings = HeadSettings
         settings=asdict(head_settings))
     if adopted:
         result.head_version = head_version(model_version, head, head_settings)
-        prefix = f"{HEADS_PREFIX}{result.head_version}/"
+        prefix = layout.head_prefix(result.head_version)
         result.elapsed_s = round(time.monotonic() - started, 3)
         storage.write_bytes(prefix + "head.pt", head_bytes(head, model_version, result.head_version, names))
         storage.write_text(prefix + "metrics.json", result.to_json())
     result.elapsed_s = round(time.monotonic() - started, 3)
     decision = {"adopted": adopted, "head_version": result.head_version,
-                "head_key": f"{HEADS_PREFIX}{result.head_version}/head.pt" if adopted else None,
+                "head_key": f"{layout.head_prefix(result.head_version)}head.pt" if adopted else None,
                 "reason": None if adopted else _not_adopted_reason(result, head_settings),
                 "metrics": json.loads(result.to_json())}
     storage.write_text(ADOPTED_KEY, json.dumps(decision, indent=2, sort_keys=True))  # written last: the pointer

@@ -39,14 +39,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pyarrow as pa
+from pipelines.errors import UsageError
 
-SUITES_DIR = Path(__file__).resolve().parents[1] / "schemas" / "gx"
+SUITES_DIR = Path(__file__).resolve().parents[2] / "schemas" / "gx"
 PARAMETER = "$PARAMETER"
 CRITICAL = "critical"
 _DOCS_SITE = "run_reports"
 
 
-class SuiteError(ValueError):
+class SuiteError(UsageError):
     """A suite file is unusable, or a parameter it names was not given; the message says which."""
 
 

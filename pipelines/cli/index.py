@@ -15,7 +15,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from pipelines.cli import EPILOG, _common, _settings, _spark_for
+from pipelines.cli.common import EPILOG, add_common_flags, settings_from_args, spark_factory
 from pipelines.progress import console
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
@@ -45,9 +45,9 @@ def _serving_common(parser: argparse.ArgumentParser, warehouse_required: bool = 
 
 
 def _index_settings(args, **flags):
-    from pipelines.index import IndexSettings, index_settings_from
+    from pipelines.index.stage import IndexSettings, index_settings_from
 
-    settings = _settings(args)
+    settings = settings_from_args(args)
     current = index_settings_from(settings).model_dump()
     updates = {"name": getattr(args, "index_name", None), **flags}
     cfg = IndexSettings.model_validate({**current, **{k: v for k, v in updates.items() if v is not None}})
@@ -87,12 +87,12 @@ def _add_build_index(sub) -> None:
                         "(default 4096)")
     g.add_argument("--min-recall", type=float, metavar="R", help="recall@10 gate per shard (default 0.90)")
     g.add_argument("--target-recall", type=float, metavar="R", help="recall@10 nprobe/efSearch are tuned to (default 0.98)")
-    _common(p)
+    add_common_flags(p)
     p.set_defaults(func=cmd_build_index)
 
 
 def cmd_build_index(args) -> int:
-    from pipelines.index import IndexCheckFailed, build_index, model_for_version
+    from pipelines.index.stage import IndexCheckFailed, build_index, model_for_version
 
     settings, cfg = _index_settings(args, max_vectors_per_shard=args.max_vectors_per_shard,
                                     memory_budget_mb=args.memory_budget_mb, min_recall=args.min_recall,
@@ -101,7 +101,7 @@ def cmd_build_index(args) -> int:
     console.print(f"build-index [bold]{cfg.name}[/] from dedup run {args.run_id or '(newest)'} -> {settings.warehouse}")
     try:
         result = build_index(settings, args.run_id, model=model, categories=args.categories, cfg=cfg,
-                             runner=args.runner, spark=_spark_for(args, settings, "catalog-index build-index"))
+                             runner=args.runner, spark=spark_factory(args, settings, "catalog-index build-index"))
     except IndexCheckFailed as exc:
         console.print(f"[red]index check failed:[/] {exc}")
         return 1

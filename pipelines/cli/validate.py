@@ -35,9 +35,9 @@ THRESHOLDS = """thresholds (config file `validation:` section, or CATALOG_INDEX_
   arrow_fallback_for_s3 (false)"""
 
 
-def _add_validate(sub) -> None:
-    from pipelines.cli import EPILOG, _common
-    from pipelines.validate import STAGES
+def add_validate_commands(sub) -> None:
+    from pipelines.cli.common import EPILOG, add_common_flags
+    from pipelines.validate.stage import STAGES
 
     p = sub.add_parser("validate", help="run a stage's expectation suite and the gates before publish",
                        description=DESCRIPTION, epilog=f"{THRESHOLDS}\n\n{EPILOG}",
@@ -58,19 +58,19 @@ def _add_validate(sub) -> None:
     p.add_argument("--expected-vectors", type=int, metavar="N",
                    help="index stage: vectors the index must hold (default: one per category and canonical "
                         "image of dedup/<RUN_ID>/images.parquet that passed embeddings validation)")
-    _common(p)
+    add_common_flags(p)
     p.set_defaults(func=cmd_validate)
 
 
 def cmd_validate(args) -> int:
     import json
 
-    from pipelines.cli import _settings, _spark_for
+    from pipelines.cli.common import settings_from_args, spark_factory
     from pipelines.progress import console
     from pipelines.storage import read_uri_bytes
-    from pipelines.validate import GateFailed, validate_stage
+    from pipelines.validate.stage import GateFailed, validate_stage
 
-    settings = _settings(args)
+    settings = settings_from_args(args)
     inputs = {}
     if args.stage == "embeddings" and args.model_version:
         inputs["model_version"] = args.model_version
@@ -80,7 +80,7 @@ def cmd_validate(args) -> int:
         if args.expected_vectors is not None:
             inputs["expected_vectors"] = args.expected_vectors
     console.print(f"validate [bold]{args.stage}[/] of run [bold]{args.run_id}[/] in {settings.warehouse}")
-    spark = _spark_for(args, settings, f"catalog-index validate {args.stage} {args.run_id}")
+    spark = spark_factory(args, settings, f"catalog-index validate {args.stage} {args.run_id}")
     if spark is None:
         raise ValueError("validate runs Great Expectations on Spark: use --runner spark (the default)")
     try:

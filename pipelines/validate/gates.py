@@ -5,87 +5,17 @@ previous successful run, a failed batch-level expectation) and decides whether t
 may go on to publish. Gates are plain functions over numbers, so each one is testable
 without Spark; `pipelines.validate` feeds them the numbers.
 
-This module must never import Spark or Great Expectations, nor `pipelines.config`
-(`Settings` holds a `ValidateSettings`, so importing it back would be circular).
+This module must never import Spark or Great Expectations. Its thresholds are
+`ValidateSettings` (pipelines.config, the `validation:` section).
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pipelines.config import ValidateSettings
+from pipelines.errors import StageRefused
 
-# Crawl reason codes that mean "the bytes arrived but are not a decodable image".
-DEFAULT_DECODE_FAILURE_REASONS = ["not_an_image", "empty_body", "truncated", "corrupt"]
-
-
-class ValidateSettings(BaseModel):
-    """Thresholds of the validate stage (`validation:` in the config file,
-    `CATALOG_INDEX_VALIDATION__<FIELD>` in the environment)."""
-
-    model_config = ConfigDict(extra="forbid")  # a misspelt threshold must not silently keep its default
-
-    # -- gates: a tripped gate stops the run before publish (unless --force) ------------------
-    max_crawl_failure_rate: float = Field(
-        0.10, ge=0, le=1, description="Largest share of in-scope manifest rows the crawl may quarantine.")
-    max_decode_failure_rate: float = Field(
-        0.02, ge=0, le=1, description="Largest share of downloaded bodies that may fail to decode as an image.")
-    decode_failure_reasons: list[str] = Field(
-        default_factory=lambda: list(DEFAULT_DECODE_FAILURE_REASONS),
-        description="Crawl quarantine reasons counted as decode failures.")
-    max_category_drop: float = Field(
-        0.5, ge=0, le=1, description="Largest fall of a category's valid image count against the previous "
-                                     "successful run (0.5 = it may lose half its images).")
-    category_drop_min_previous: int = Field(
-        20, ge=0, description="Categories with fewer images in the previous run are not checked "
-                              "(small categories swing by chance).")
-    max_quarantine_rate: dict[str, float] = Field(
-        default_factory=lambda: {"manifest": 0.05, "images": 0.05, "embeddings": 0.0},
-        description="Per stage: largest share of rows that row-level expectations may quarantine.")
-
-    # -- expectation parameters (see schemas/gx/*.json) -----------------------------------------
-    min_width: int = Field(32, ge=1, description="Images narrower than this are quarantined (pixels).")
-    min_height: int = Field(32, ge=1, description="Images lower than this are quarantined (pixels).")
-    min_aspect_ratio: float = Field(0.1, gt=0, description="Smallest width / height kept.")
-    max_aspect_ratio: float = Field(10.0, gt=0, description="Largest width / height kept.")
-    allowed_formats: list[str] = Field(
-        default_factory=lambda: ["JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF"],
-        description="Image formats (from magic bytes) that may be embedded.")
-    min_bytes: int = Field(100, ge=0, description="Smaller image files are quarantined.")
-    max_bytes: int = Field(25_000_000, gt=0, description="Larger image files are quarantined.")
-    embedding_dim: int | None = Field(
-        None, ge=1, description="Expected vector dimension; unset = the most common one (all must agree).")
-    norm_tolerance: float = Field(1e-3, gt=0, description="Vectors must have an L2 norm within 1 +- this.")
-    min_recall_at_10: float = Field(0.9, ge=0, le=1, description="Smallest measured recall@10 of any index shard.")
-
-    # -- how validation runs ----------------------------------------------------------------------
-    result_format: Literal["BOOLEAN_ONLY", "BASIC", "SUMMARY"] = Field(
-        "BASIC", description="GX result detail in reports and Data Docs: BASIC has counts and observed values; "
-                             "SUMMARY adds, per row-level expectation, the query that selects its failing rows (one "
-                             "more Spark query plan each); BOOLEAN_ONLY has pass/fail only, no counts, so failing rows "
-                             "are always searched for.")
-    sample_failing_values: int = Field(
-        0, ge=0, le=200, description="Failing values GX lists per expectation in reports and Data Docs. Each "
-                                     "costs a Spark job per row-level expectation, and every failing row is in "
-                                     "the quarantine file anyway, with its values.")
-    cache_above_mb: float = Field(
-        64, ge=0, description="Cache the table being validated in Spark when its Parquet files are larger than this "
-                              "(MB) or not on local disk (s3://). Smaller local tables are read again by each of "
-                              "validation's few queries, which costs less than building Spark's columnar cache.")
-    adaptive_query_execution: bool = Field(
-        False, description="Spark adaptive query execution (spark.sql.adaptive.enabled) while a stage is validated; "
-                           "the session's own settings are restored afterwards. Off by default: validation's queries "
-                           "are global aggregates and a few window counts, which AQE cannot improve, and AQE runs "
-                           "each of them as two Spark jobs with re-planning in between (measured: half of GX's JVM "
-                           "time on the sample catalog). Off, shuffles use spark.default.parallelism partitions.")
-    arrow_fallback_for_s3: bool = Field(
-        False, description="For s3:// warehouses, read tables with boto3 on the driver and hand them to Spark "
-                           "as Arrow instead of reading s3a:// paths (tests, small warehouses; no hadoop-aws).")
-    reuse_unchanged: bool = Field(
-        True, description="Reuse an earlier run's validation of a stage (suite results, quarantine, Data Docs) "
-                          "when that stage's inputs, its suite and these settings are unchanged, instead of "
-                          "running the suite again; the gates are still evaluated. Inputs are fingerprinted "
-                          "with pyarrow (pipelines/validation_memo.py); the report names the run reused.")
 
 
 @dataclass
@@ -104,7 +34,7 @@ class GateResult:
         return asdict(self)
 
 
-class GateFailed(RuntimeError):
+class GateFailed(StageRefused):
     """A batch-level gate tripped: the run must not be published.
 
     `results` is the structured stage result (what `reports/<run_id>/validation/<stage>.json`

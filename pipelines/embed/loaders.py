@@ -46,6 +46,7 @@ import numpy as np
 import pandas as pd
 
 from pipelines.storage import LocalStorage, Storage
+from schemas.reasons import DECODE_REASONS
 
 # petastorm 0.13.1 drives pyarrow 14's legacy ParquetDataset API (see DESIGN.md, install
 # traps): every read would print a screen of deprecation warnings users can do nothing about.
@@ -58,9 +59,7 @@ DECODED = 0
 
 def failure_reasons() -> tuple[str, ...]:
     """Reason codes by `failure` value; index 0 means the image decoded."""
-    from pipelines.embedding import CORRUPT, DECOMPRESSION_BOMB, NOT_AN_IMAGE, TRUNCATED
-
-    return ("", NOT_AN_IMAGE, TRUNCATED, CORRUPT, DECOMPRESSION_BOMB)
+    return ("", *DECODE_REASONS)
 
 
 def digest_array(hex_shas: Iterable[str]) -> np.ndarray:
@@ -108,7 +107,7 @@ def local_parquet_urls(storage: Storage, keys: Collection[str], keep_dir: str | 
 
 def images_keys_for(storage: Storage, run_id: str, sha256s: Collection[str] | None = None) -> list[str]:
     """The images-table parts holding the current bytes of crawl run `run_id` (optionally only of `sha256s`)."""
-    from pipelines.crawl import read_current_images
+    from pipelines.crawl.stage import read_current_images
 
     current = read_current_images(storage, run_id)[["sha256", "stored_key"]].dropna()
     if sha256s is not None:
@@ -117,7 +116,7 @@ def images_keys_for(storage: Storage, run_id: str, sha256s: Collection[str] | No
 
 
 def embedding_keys_for(storage: Storage, model_version: str) -> list[str]:
-    from pipelines.embed import embeddings_prefix
+    from pipelines.embed.stage import embeddings_prefix
 
     return [key for key in storage.list(embeddings_prefix(model_version)) if key.endswith(".parquet")]
 
@@ -132,7 +131,7 @@ class DecodeImages:
         self.wanted = frozenset(wanted) if wanted is not None else None
 
     def __call__(self, rows: pd.DataFrame) -> pd.DataFrame:
-        from pipelines.embedding import ImageDecodeError, decode_for_model
+        from pipelines.embed.embedder import ImageDecodeError, decode_for_model
 
         if self.wanted is not None:
             rows = rows[rows["sha256"].isin(self.wanted)]
@@ -287,7 +286,7 @@ def read_labelled_vectors(storage: Storage, model_version: str, labels: Mapping[
 
 def embed_loader_batches(embedder, loader) -> Iterator:
     """Image-loader batches -> `pipelines.embedding.EmbeddedBatch`es (vectors + failures), each sha256 once."""
-    from pipelines.embedding import EMBEDDING_COLUMNS, FAILURE_COLUMNS, EmbeddedBatch
+    from pipelines.embed.embedder import EMBEDDING_COLUMNS, FAILURE_COLUMNS, EmbeddedBatch
 
     reasons = failure_reasons()
     seen: set[str] = set()
