@@ -59,6 +59,7 @@ def _settings_overrides(params: dict) -> dict:
 
 def run_stage_in_process(stage: str, params: dict, run_id: str) -> dict:
     """Run one stage here (local Spark); returns a small JSON-able summary for XCom."""
+    # imported by the task, not the DAG file: keeps pandas/pyarrow/Spark out of its import time (the scheduler parses it often)
     from pipelines.config import load_settings
     from pipelines.pipeline import PipelineStopped, RunContext, finish_run, run_stage
     from pipelines.spark import get_spark
@@ -101,7 +102,9 @@ def stage_argv(stage: str, params: dict, run_id: str) -> list[str]:
 
 
 if SPARK_CONN_ID:
-    from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
+    from airflow.providers.apache.spark.operators.spark_submit import (
+        SparkSubmitOperator,
+    )
 
     class StageSubmitOperator(SparkSubmitOperator):
         """spark-submit one stage's job. `application_args` is one template rendering to a JSON list:

@@ -16,6 +16,7 @@ COMMAND = "publish"  # this job runs `catalog-index publish`, then writes the ru
 
 def write_run_report(argv: list[str]) -> None:
     """The run report of the run just published, with the snapshot LATEST now points to."""
+    # pandas/pyarrow/boto3: kept out of the CLI's import time (`--help` answers in 0.3 s)
     from pipelines.cli.index import _index_settings, _storage
     from pipelines.pipeline import finish_run
     from pipelines.snapshot import read_latest, read_manifest

@@ -38,7 +38,7 @@ from pipelines.errors import UsageError
 from pipelines.layout import snapshot_prefix
 from pipelines.snapshot import (MANIFEST_FILE, MODEL_PCA_PATH, SnapshotVerificationError, apply_search_params,
                                 read_latest, sha256_of_file, validate_manifest)
-from pipelines.storage import StorageError, open_storage
+from pipelines.storage import StorageError, open_storage, read_uri_bytes
 
 VERIFIED_MARKER = ".verified"
 
@@ -365,7 +365,8 @@ class SnapshotClient:
 
 def model_spec_from_manifest(model_info: dict, snapshot_dir: Path):
     """Rebuild the ModelSpec a snapshot was built with; refuse if this installation gives other vectors."""
-    from pipelines.embed.model import ModelSpec, PcaProjection, Preprocessing, model_version
+    # torch: kept out of import time (the model loads only to embed query images)
+    from pipelines.embed import ModelSpec, PcaProjection, Preprocessing, model_version
 
     if not model_info.get("weights_sha256") or not model_info.get("preprocessing"):
         raise SnapshotError(f"snapshot vectors come from model version {model_info['version']}, which this "
@@ -393,8 +394,8 @@ def embed_query_images(paths_or_urls: list[str], model_info: dict, snapshot_dir:
 
     The model is loaded once per process (`pipelines.embedding.get_embedder` caches it).
     """
-    from pipelines.embed.embedder import get_embedder
-    from pipelines.storage import read_uri_bytes
+    # torch: kept out of import time (the model loads only to embed query images)
+    from pipelines.embed import get_embedder
 
     spec = model_spec_from_manifest(model_info, Path(snapshot_dir))
     errors: dict[int, str] = {}

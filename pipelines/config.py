@@ -72,12 +72,12 @@ class CrawlSettings(_Section):
 
 
 class DedupSettings(_Section):
-    # Defaults = pipelines.near_duplicates.CANDIDATE_MAX_DISTANCE / CONFIRMATION_THRESHOLD,
+    # Defaults = pipelines.dedup.near_duplicates.CANDIDATE_MAX_DISTANCE / .confirmation.CONFIRMATION_THRESHOLD,
     # tuned on planted duplicates (bench/dedup); a test keeps them equal.
     max_distance: int = Field(16, ge=0, le=32, description="pHash Hamming distance for candidate pairs "
                               "(imagededup's PHash default is 10; the confirmation step allows a wider net).")
     confirm_threshold: float = Field(0.965, ge=0, le=1, description="Pixel-level confirmation score needed to "
-                                     "merge a candidate pair (see pipelines/near_duplicates.py).")
+                                     "merge a candidate pair (see pipelines/dedup/confirmation.py).")
     jpeg_draft_size: int | None = Field(64, ge=32, description="Decode JPEGs at 1/2-1/8 scale (>= this many "
                                         "pixels a side) before hashing: ~6x faster, same dedup quality, but hashes of "
                                         "some JPEGs differ from imagehash.phash by a few bits; None = exact "

@@ -19,6 +19,9 @@ from schemas.reasons import CORRUPT, DECOMPRESSION_BOMB, NOT_AN_IMAGE, TRUNCATED
 
 DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS
 
+# File name suffixes the folder tools (hash, near-duplicates, search --image-dir) treat as images.
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"})
+
 # Checked in order; the first match wins.
 _MAGIC = [
     (b"\xff\xd8\xff", "JPEG"),

@@ -41,7 +41,8 @@ def test_errors_name_the_setting(tmp_path, monkeypatch):
 
 
 def test_dedup_defaults_are_the_tuned_constants():
-    from pipelines.dedup.near_duplicates import CANDIDATE_MAX_DISTANCE, CONFIRMATION_THRESHOLD
+    from pipelines.dedup.confirmation import CONFIRMATION_THRESHOLD
+    from pipelines.dedup.near_duplicates import CANDIDATE_MAX_DISTANCE
 
     dedup = load_settings().dedup
     assert (dedup.max_distance, dedup.confirm_threshold) == (CANDIDATE_MAX_DISTANCE, CONFIRMATION_THRESHOLD)

@@ -11,12 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageEnhance, ImageFont
 
+from pipelines.dedup.confirmation import CONFIRMATION_THRESHOLD, confirmation_score, confirmation_scores
 from pipelines.dedup.near_duplicates import (
-    CONFIRMATION_THRESHOLD,
     Band,
     choose_canonical,
-    confirmation_score,
-    confirmation_scores,
     connected_components,
     find_near_duplicates,
     find_near_duplicates_between,

@@ -33,10 +33,9 @@ sys.path.insert(0, str(HERE))
 
 import planted  # noqa: E402
 from synthetic import synthetic_hashes  # noqa: E402
+from pipelines.dedup.confirmation import CONFIRMATION_THRESHOLD, confirmation_scores  # noqa: E402
 from pipelines.dedup.near_duplicates import (  # noqa: E402
     CANDIDATE_MAX_DISTANCE,
-    CONFIRMATION_THRESHOLD,
-    confirmation_scores,
     find_near_duplicates,
     hamming_distance,
     plan_bands,

@@ -237,7 +237,6 @@ def write_warehouse(data: BenchData, root: Path) -> str:
     theirs) and `embeddings/<version>/part-*.parquet` of 1,000 vectors each in sha256 order, as embed
     tasks write them, so every part holds vectors of every category. Written once, not timed."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     from pipelines.storage import open_storage
     from schemas.tables import DEDUP_IMAGES, EMBEDDINGS

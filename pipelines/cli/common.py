@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import argparse
 
+from pipelines.config import load_settings
+from pipelines.spark import get_spark
+
 EPILOG = """Settings come from, lowest priority first: built-in defaults, the YAML file named by
 --config or CATALOG_INDEX_CONFIG, env vars (CATALOG_INDEX_WAREHOUSE, CATALOG_INDEX_CRAWL__RETRIES,
 CATALOG_INDEX_S3__ENDPOINT_URL, ...), then flags. See README.md, "Configuration"."""
@@ -23,8 +26,6 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def settings_from_args(args: argparse.Namespace, **extra):
-    from pipelines.config import load_settings
-
     overrides = {"warehouse": args.warehouse, "s3": {"endpoint_url": args.s3_endpoint_url},
                  "spark": {"master": args.spark_master}}
     for key, value in extra.items():
@@ -36,6 +37,5 @@ def spark_factory(args, settings, app_name: str):
     """A factory, so that stages start Spark only once their input has been checked."""
     if args.runner == "local":
         return None
-    from pipelines.spark import get_spark
 
     return lambda: get_spark(settings, app_name)

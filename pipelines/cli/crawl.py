@@ -5,7 +5,13 @@ import argparse
 
 from rich.table import Table
 
-from pipelines.cli.common import EPILOG, add_common_flags, settings_from_args, spark_factory
+from pipelines.cli.common import (
+    EPILOG,
+    add_common_flags,
+    settings_from_args,
+    spark_factory,
+)
+from pipelines.layout import new_run_id
 from pipelines.progress import console
 
 
@@ -45,8 +51,8 @@ def add_crawl_commands(sub) -> None:
 
 
 def cmd_crawl(args) -> int:
+    # pandas/pyarrow/boto3: kept out of the CLI's import time (`--help` answers in 0.3 s)
     from pipelines.crawl.stage import run_crawl
-    from pipelines.layout import new_run_id
 
     crawl = {"allow_private_hosts": args.allow_private_hosts, "concurrency": args.concurrency,
              "per_host_concurrency": args.per_host_concurrency, "rows_per_task": args.rows_per_task,

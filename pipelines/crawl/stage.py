@@ -41,6 +41,8 @@ from pipelines.readers import (LIVE_STATUSES, committed_crawl_runs, previous_cra
 from pipelines.storage import Storage, open_storage
 from schemas.tables import IMAGE_STATE, IMAGES, QUARANTINE
 from pipelines.errors import StageRefused
+from schemas.tables import MANIFEST
+from pipelines.spark import run_tasks
 
 # Failures that say nothing about the image itself: keep last night's good copy.
 TRANSIENT_REASONS = {"timeout", "connection_error", "dns_error", "http_429", "http_500", "http_502", "http_503",
@@ -50,8 +52,6 @@ _PREV = ["sha256", "byte_size", "format", "width", "height", "http_status", "eta
 
 
 def _worklist_schema() -> pa.Schema:
-    from schemas.tables import MANIFEST
-
     return pa.schema(list(MANIFEST) + [IMAGE_STATE.field(c).with_name(f"prev_{c}").with_nullable(True) for c in _PREV])
 
 
@@ -281,7 +281,6 @@ def run_crawl(settings: Settings, manifest_uri: str, run_id: str, *, categories:
         storage.write_table(key, pa.Table.from_pandas(worklist.iloc[bounds[i]:bounds[i + 1]], schema=WORKLIST,
                                                       preserve_index=False))
         tasks.append(CrawlTask(settings.warehouse, settings.s3, settings.crawl, run_id, part, key))
-    from pipelines.spark import run_tasks
 
     fetch_started = time.monotonic()
     for counts in run_tasks(crawl_task, tasks, runner=runner, spark=spark, description="crawl",

@@ -5,6 +5,12 @@ canonical-image rule later stages apply after validation), `HASH_VERSION`. Modul
 stage (driver and Spark tasks), phash, near_duplicates (search, clusters, confirmation),
 folder_tools (`catalog-index hash` / `near-duplicates` on any folder).
 """
-from pipelines.dedup.stage import HASH_VERSION, DedupError, DedupSummary, run_dedup, with_valid_canonicals
+from pipelines.dedup.stage import (
+    HASH_VERSION,
+    DedupError,
+    DedupSummary,
+    run_dedup,
+    with_valid_canonicals,
+)
 
 __all__ = ["HASH_VERSION", "DedupError", "DedupSummary", "run_dedup", "with_valid_canonicals"]

@@ -11,19 +11,22 @@ import functools
 import hashlib
 import os
 import warnings
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
+from pipelines.config import CrawlSettings
+from pipelines.crawl import Fetcher, read_manifest
+from pipelines.decode import IMAGE_SUFFIXES
+from pipelines.dedup.confirmation import CONFIRMATION_THRESHOLD, confirmation_scores
+from pipelines.dedup.near_duplicates import find_near_duplicates
+from pipelines.dedup.phash import open_image, phash_hex, try_phash_many
 
 
 def _hash_files(paths: list[str], draft_size: int | None = None) -> list[dict]:
     from PIL import Image
-
-    from pipelines.dedup.phash import phash_hex, try_phash_many
 
     warnings.filterwarnings("ignore", "Palette images with Transparency", UserWarning)
     blobs = [Path(p).read_bytes() for p in paths]
@@ -70,12 +73,6 @@ def hash_inputs(source: str, download_dir: Path | None = None, crawl=None, worke
 def download_manifest_images(manifest_uri: str, folder: Path, crawl=None) -> dict[str, str]:
     """Download every distinct image_url of a manifest into `folder`; returns {file: url}.
     URLs that cannot be fetched are left out (the crawl stage is where they are accounted for)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from pipelines.config import CrawlSettings
-    from pipelines.crawl.fetch import Fetcher
-    from pipelines.crawl.manifest import read_manifest
-
     crawl = crawl or CrawlSettings()
     urls = sorted({u for u in read_manifest(manifest_uri).column("image_url").to_pylist() if u})
     folder.mkdir(parents=True, exist_ok=True)
@@ -97,9 +94,6 @@ def near_duplicate_pairs(hashes: pd.DataFrame, max_distance: int, confirm: bool 
                          threshold: float | None = None) -> pd.DataFrame:
     """All pairs of hashed files within `max_distance` bits; with `confirm`, the pixel-level
     score of each pair decides `confirmed` (files must still be readable at `path`)."""
-    from pipelines.dedup.near_duplicates import CONFIRMATION_THRESHOLD, confirmation_scores, find_near_duplicates
-    from pipelines.dedup.phash import open_image
-
     ok = hashes[hashes["phash"].notna()].reset_index(drop=True)
     values = np.array([int(h, 16) for h in ok["phash"]], dtype=np.uint64)
     found = find_near_duplicates(values, max_distance)

@@ -31,11 +31,23 @@ import pyarrow as pa
 
 from pipelines import layout
 from pipelines.config import DedupSettings, S3Settings, Settings
-from pipelines.readers import (committed_dedup_runs, previous_dedup_run, read_current_images,  # noqa: F401
-                               read_dedup_images)
+from pipelines.dedup.confirmation import CONFIRMATION_CROPS, confirmation_scores
+from pipelines.dedup.near_duplicates import (
+    choose_canonical,
+    connected_components,
+    find_near_duplicates_between,
+)
+from pipelines.dedup.phash import open_image, phash_hex, try_phash_many
+from pipelines.errors import StageRefused
+from pipelines.readers import (  # noqa: F401
+    committed_dedup_runs,
+    previous_dedup_run,
+    read_current_images,
+    read_dedup_images,
+)
+from pipelines.spark import run_tasks
 from pipelines.storage import Storage, open_storage
 from schemas.tables import DEDUP_IMAGES, DEDUP_PAIRS, QUARANTINE
-from pipelines.errors import StageRefused
 
 HASH_CACHE = pa.schema([("sha256", pa.string()), ("phash", pa.string()), ("reason", pa.string()),
                         ("detail", pa.string()), ("run_id", pa.string())])
@@ -104,8 +116,6 @@ class DedupSummary:
 
 def hash_task(task: HashTask) -> dict:
     """pHash the requested images of one stored part file; write a cache part."""
-    from pipelines.dedup.phash import phash_hex, try_phash_many
-
     storage = open_storage(task.warehouse, task.s3)
     wanted = set(task.sha256s)
     part = storage.read_parquet_file(task.stored_key, columns=["sha256", "image"]).to_pydict()
@@ -128,9 +138,6 @@ def hash_task(task: HashTask) -> dict:
 
 def confirm_task(task: ConfirmTask) -> list[float]:
     """Pixel-level confirmation scores of candidate pairs (the images are decoded once each)."""
-    from pipelines.dedup.near_duplicates import confirmation_scores
-    from pipelines.dedup.phash import open_image
-
     storage = open_storage(task.warehouse, task.s3)
     needed = sorted({s for pair in task.pairs for s in pair})
     by_key: dict[str, list[str]] = {}
@@ -179,8 +186,6 @@ def with_valid_canonicals(rows: pd.DataFrame, rejected: set[str]) -> pd.DataFram
     byte size...) that a copy of it passes; without this, every product of the cluster would
     lose its picture. `cluster_id` keeps naming the cluster as dedup found it.
     """
-    from pipelines.dedup.near_duplicates import choose_canonical
-
     orphaned = rows["canonical_sha256"].isin(rejected)
     if not orphaned.any():
         return rows.reset_index(drop=True)
@@ -208,7 +213,6 @@ def _hash_missing(storage, settings: Settings, run_id, images, runner, spark) ->
             tasks.append(HashTask(settings.warehouse, settings.s3, run_id, f"{len(tasks):05d}", key,
                                   shas[start:start + per_task], settings.dedup.jpeg_draft_size))
     if tasks:
-        from pipelines.spark import run_tasks
 
         run_tasks(hash_task, tasks, runner=runner, spark=spark,
                   description="dedup: pHash", job_group=f"dedup-hash-{run_id}")
@@ -225,7 +229,6 @@ def _confirm(storage, settings: Settings, pairs: list[tuple[str, str]], location
                          {s: locations[s] for pair in pairs[start:start + per_task] for s in pair},
                          pairs[start:start + per_task])
              for i, start in enumerate(range(0, len(pairs), per_task))]
-    from pipelines.spark import run_tasks
 
     results = run_tasks(confirm_task, tasks, runner=runner, spark=spark,
                         description="dedup: confirm pairs")
@@ -233,8 +236,6 @@ def _confirm(storage, settings: Settings, pairs: list[tuple[str, str]], location
 
 
 def run_dedup(settings: Settings, run_id: str, *, runner: str = "spark", spark=None) -> DedupSummary:
-    from pipelines.dedup.near_duplicates import choose_canonical, connected_components, find_near_duplicates_between
-
     started = time.monotonic()
     cfg: DedupSettings = settings.dedup
     storage = open_storage(settings.warehouse, settings.s3)
@@ -338,8 +339,6 @@ def run_dedup(settings: Settings, run_id: str, *, runner: str = "spark", spark=N
 
 def _rules_now(cfg: DedupSettings) -> dict:
     """What a pair's verdict depends on: reuse old verdicts only when these are unchanged."""
-    from pipelines.dedup.near_duplicates import CONFIRMATION_CROPS
-
     return {"max_distance": cfg.max_distance, "confirm_threshold": cfg.confirm_threshold,
             "crops": list(CONFIRMATION_CROPS), "draft": cfg.jpeg_draft_size, "hash_version": HASH_VERSION}
 

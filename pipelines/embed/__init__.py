@@ -10,7 +10,12 @@ loaders (petastorm readers for training).
 """
 from importlib import import_module
 
-from pipelines.embed.stage import EmbedError, EmbedSummary, run_embed, spec_from_settings
+from pipelines.embed.stage import (
+    EmbedError,
+    EmbedSummary,
+    run_embed,
+    spec_from_settings,
+)
 from pipelines.readers import read_embeddings
 
 # name -> module: these import torch, so they load when first asked for, not with the package

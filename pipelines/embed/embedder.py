@@ -26,9 +26,22 @@ import pandas as pd
 import torch
 from PIL import Image, ImageChops
 
-from pipelines.decode import DECODE_ERRORS, ImageDecodeError, decode_failure, flatten_alpha, open_image
-from pipelines.embed.model import (FEATURE_DIM, ModelSpec, PcaProjection, Preprocessing, load_embedding_model,
-                                   model_version, pixels_to_input)
+from pipelines.decode import (
+    DECODE_ERRORS,
+    ImageDecodeError,
+    decode_failure,
+    flatten_alpha,
+    open_image,
+)
+from pipelines.embed.model import (
+    FEATURE_DIM,
+    ModelSpec,
+    PcaProjection,
+    Preprocessing,
+    load_embedding_model,
+    model_version,
+    pixels_to_input,
+)
 from schemas.reasons import CORRUPT, DECOMPRESSION_BOMB, NOT_AN_IMAGE, TRUNCATED  # noqa: F401 (re-exported)
 
 EMBEDDING_COLUMNS = ["sha256", "vector"]

@@ -45,10 +45,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pipelines.config import HeadSettings  # noqa: F401  (re-exported: the head's public settings)
-from pipelines.storage import Storage
 from pipelines import layout
+from pipelines.embed.loaders import open_embedding_loader, read_labelled_vectors
+from pipelines.embed.stage import spec_from_settings
+from pipelines.config import HeadSettings  # noqa: F401  (re-exported: the head's public settings)
 from pipelines.errors import StageRefused
+from pipelines.readers import read_dedup_images, read_embeddings
+from pipelines.storage import Storage, open_storage
 
 HEADS_PREFIX = layout.HEADS_PREFIX
 ADOPTED_KEY = layout.ADOPTED_HEAD_KEY
@@ -210,8 +213,6 @@ def principal_directions(storage: Storage, model_version: str, labels: Mapping[s
     Starting there, the head's first epoch already ranks about like the raw vectors do; the
     loss then only has to move it towards the categories.
     """
-    from pipelines.embed.loaders import open_embedding_loader
-
     moment = None
     count = 0
     with open_embedding_loader(storage, model_version, labels, batch_size=4096, shuffle=False,
@@ -254,8 +255,6 @@ def _torch_threads(count: int):
 
 
 def _train(storage, model_version, labels, settings, on_epoch, local_parts_dir):
-    from pipelines.embed.loaders import open_embedding_loader
-
     init = principal_directions(storage, model_version, labels, settings.dim, local_parts_dir)
     torch.manual_seed(settings.seed)  # nothing is random in the model today; any future dropout stays seeded
     head = ProjectionHead(init.shape[1], settings.dim)
@@ -299,14 +298,10 @@ def train_head(settings, run_id: str, head_settings: HeadSettings = HeadSettings
 
     `progress(epoch, mean_loss)` is called after every epoch.
     """
-    from pipelines.dedup.stage import read_dedup_images
-    from pipelines.embed.stage import read_embeddings, spec_from_settings
-    from pipelines.embed.loaders import read_labelled_vectors
-    from pipelines.storage import open_storage
-
     started = time.monotonic()
     storage = open_storage(settings.warehouse, settings.s3)
     if model_version is None:
+        # torch: kept out of import time
         from pipelines.embed.model import model_version as version_of
 
         model_version = version_of(spec_from_settings(settings.embed))

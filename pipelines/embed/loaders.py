@@ -45,6 +45,8 @@ from typing import Collection, Iterable, Iterator, Mapping
 import numpy as np
 import pandas as pd
 
+from pipelines import layout
+from pipelines.readers import read_current_images
 from pipelines.storage import LocalStorage, Storage
 from schemas.reasons import DECODE_REASONS
 
@@ -107,8 +109,6 @@ def local_parquet_urls(storage: Storage, keys: Collection[str], keep_dir: str | 
 
 def images_keys_for(storage: Storage, run_id: str, sha256s: Collection[str] | None = None) -> list[str]:
     """The images-table parts holding the current bytes of crawl run `run_id` (optionally only of `sha256s`)."""
-    from pipelines.crawl.stage import read_current_images
-
     current = read_current_images(storage, run_id)[["sha256", "stored_key"]].dropna()
     if sha256s is not None:
         current = current[current["sha256"].isin(set(sha256s))]
@@ -116,9 +116,7 @@ def images_keys_for(storage: Storage, run_id: str, sha256s: Collection[str] | No
 
 
 def embedding_keys_for(storage: Storage, model_version: str) -> list[str]:
-    from pipelines.embed.stage import embeddings_prefix
-
-    return [key for key in storage.list(embeddings_prefix(model_version)) if key.endswith(".parquet")]
+    return [key for key in storage.list(layout.embeddings_prefix(model_version)) if key.endswith(".parquet")]
 
 
 # -- transforms (run on petastorm's workers; top-level classes so a process pool can pickle them) --
@@ -131,6 +129,7 @@ class DecodeImages:
         self.wanted = frozenset(wanted) if wanted is not None else None
 
     def __call__(self, rows: pd.DataFrame) -> pd.DataFrame:
+        # torch: kept out of import time
         from pipelines.embed.embedder import ImageDecodeError, decode_for_model
 
         if self.wanted is not None:
@@ -286,7 +285,12 @@ def read_labelled_vectors(storage: Storage, model_version: str, labels: Mapping[
 
 def embed_loader_batches(embedder, loader) -> Iterator:
     """Image-loader batches -> `pipelines.embedding.EmbeddedBatch`es (vectors + failures), each sha256 once."""
-    from pipelines.embed.embedder import EMBEDDING_COLUMNS, FAILURE_COLUMNS, EmbeddedBatch
+    # torch: kept out of import time
+    from pipelines.embed.embedder import (
+        EMBEDDING_COLUMNS,
+        FAILURE_COLUMNS,
+        EmbeddedBatch,
+    )
 
     reasons = failure_reasons()
     seen: set[str] = set()

@@ -28,10 +28,17 @@ import pyarrow as pa
 from pipelines import layout
 from pipelines.config import EmbedSettings, S3Settings, Settings
 from pipelines.dedup import with_valid_canonicals
-from pipelines.readers import failed_shas, quarantined_sha256s, read_current_images, read_dedup_images, read_embeddings  # noqa: F401
+from pipelines.errors import StageRefused
+from pipelines.readers import (  # noqa: F401
+    failed_shas,
+    quarantined_sha256s,
+    read_current_images,
+    read_dedup_images,
+    read_embeddings,
+)
+from pipelines.spark import run_tasks
 from pipelines.storage import Storage, open_storage
 from schemas.tables import EMBEDDINGS, QUARANTINE
-from pipelines.errors import StageRefused
 
 
 class EmbedError(StageRefused):
@@ -44,6 +51,7 @@ embeddings_prefix = layout.embeddings_prefix
 def spec_from_settings(cfg: EmbedSettings, storage: Storage | None = None):
     """The model spec the settings describe. With `pca_dim`, the PCA fitted on the catalog
     (`models/pca/…`, see fit_catalog_pca) is part of the spec, so it needs the warehouse."""
+    # torch: kept out of import time
     from pipelines.embed.model import PcaProjection, Preprocessing, default_spec
 
     base = default_spec(pooling=cfg.pooling, preprocessing=Preprocessing(framing=cfg.framing))
@@ -56,6 +64,7 @@ def spec_from_settings(cfg: EmbedSettings, storage: Storage | None = None):
 
 
 def pca_key(base_spec, cfg: EmbedSettings) -> str:
+    # torch: kept out of import time
     from pipelines.embed.model import model_version
 
     return layout.pca_key(model_version(base_spec), cfg.pca_dim, cfg.pca_whiten)
@@ -64,6 +73,7 @@ def pca_key(base_spec, cfg: EmbedSettings) -> str:
 def fit_catalog_pca(storage: Storage, base_spec, cfg: EmbedSettings, canonical: list[str]):
     """The catalog's PCA: fitted once on the full-dimension vectors of the canonical images,
     then kept (delete models/pca/<key> to refit), so the model version stays stable night to night."""
+    # torch: kept out of import time
     from pipelines.embed.embedder import fit_pca
     from pipelines.embed.model import PcaProjection, model_version
 
@@ -82,6 +92,7 @@ def fit_catalog_pca(storage: Storage, base_spec, cfg: EmbedSettings, canonical: 
 
 def _project_with_pca(storage: Storage, run_id: str, base_spec, cfg: EmbedSettings, canonical: list[str]) -> tuple[str, int]:
     """Write PCA-projected vectors for canonical images the PCA version lacks; returns (version, written)."""
+    # torch: kept out of import time
     from pipelines.embed.embedder import apply_pca
     from pipelines.embed.model import model_version
 
@@ -135,6 +146,7 @@ class EmbedSummary:
 
 def task_device(resource_name: str = "gpu"):
     """The device this Spark task was given: its GPU address, or the CPU."""
+    # torch: kept out of import time
     from pipelines.embed.model import choose_device
 
     resources = None
@@ -149,6 +161,7 @@ def task_device(resource_name: str = "gpu"):
 
 
 def embed_task(task: EmbedTask) -> dict:
+    # torch: kept out of import time
     from pipelines.embed.embedder import get_embedder
 
     storage = open_storage(task.warehouse, task.s3)
@@ -190,6 +203,7 @@ def embed_task(task: EmbedTask) -> dict:
 
 
 def run_embed(settings: Settings, run_id: str, *, runner: str = "spark", spark=None) -> EmbedSummary:
+    # torch: kept out of import time
     from pipelines.embed.model import model_version
 
     started = time.monotonic()
@@ -223,7 +237,6 @@ def run_embed(settings: Settings, run_id: str, *, runner: str = "spark", spark=N
             # Named by content: a resumed run's new tasks never overwrite parts that finished.
             digest = hashlib.sha256("".join(todo[start:start + per_task]).encode()).hexdigest()[:12]
             tasks.append(EmbedTask(settings.warehouse, settings.s3, run_id, digest, settings.embed, chunk))
-        from pipelines.spark import run_tasks
 
         results = run_tasks(embed_task, tasks, runner=runner, spark=spark, description="embed",
                             job_group=f"embed-{run_id}", task_gpus=settings.embed.task_gpus)
