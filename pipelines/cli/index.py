@@ -45,7 +45,8 @@ def _serving_common(parser: argparse.ArgumentParser, warehouse_required: bool = 
 
 
 def _index_settings(args, **flags):
-    from pipelines.index.stage import IndexSettings, index_settings_from
+    from pipelines.config import IndexSettings
+    from pipelines.index import index_settings_from
 
     settings = settings_from_args(args)
     current = index_settings_from(settings).model_dump()
@@ -92,7 +93,7 @@ def _add_build_index(sub) -> None:
 
 
 def cmd_build_index(args) -> int:
-    from pipelines.index.stage import IndexCheckFailed, build_index, model_for_version
+    from pipelines.index import IndexCheckFailed, build_index, model_for_version
 
     settings, cfg = _index_settings(args, max_vectors_per_shard=args.max_vectors_per_shard,
                                     memory_budget_mb=args.memory_budget_mb, min_recall=args.min_recall,
