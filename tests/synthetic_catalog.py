@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 import numpy as np
 import pyarrow as pa
 
-from pipelines.index.stage import dedup_images_key, embeddings_prefix
+from pipelines.layout import dedup_images_key, embeddings_prefix
 from pipelines.storage import Storage
 from schemas.tables import DEDUP_IMAGES, EMBEDDINGS
 

@@ -13,9 +13,10 @@ import pytest
 
 import pipelines.cli as cli
 from pipelines.client import SnapshotClient, current_snapshot_id, pull
-from pipelines.config import load_settings
-from pipelines.index.stage import IndexSettings, build_index, snapshot_prefix
+from pipelines.config import IndexSettings, load_settings
+from pipelines.index import build_index
 from pipelines.cli.index import add_index_commands
+from pipelines.layout import snapshot_prefix
 from pipelines.publish import SnapshotVerificationError, publish_snapshot
 from pipelines.storage import open_storage
 from schemas.tables import DEDUP_IMAGES, EMBEDDINGS

@@ -9,11 +9,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import pipelines.index.stage as index_module
-from pipelines.config import load_settings
-from pipelines.index.stage import (ArrayVectors, FileVectors, IndexBuildError, IndexCheckFailed, IndexSettings,
-                             build_index, build_shard, choose_index_type, dedup_images_key, embeddings_prefix,
-                             plan_shards, snapshot_prefix)
+import pipelines.index.tasks as index_tasks
+from pipelines.config import IndexSettings, load_settings
+from pipelines.index import IndexBuildError, IndexCheckFailed, build_index
+from pipelines.index.plan import choose_index_type, plan_shards
+from pipelines.index.shard import build_shard
+from pipelines.index.vectors import ArrayVectors, FileVectors
+from pipelines.layout import dedup_images_key, embeddings_prefix, snapshot_prefix
 from pipelines.publish import PublishError, publish_snapshot, read_manifest
 from pipelines.storage import open_storage
 from schemas.tables import EMBEDDINGS
@@ -178,14 +180,14 @@ def test_category_backfill_reuses_other_shards_byte_for_byte(warehouse):
 def vector_reads(monkeypatch):
     """Every (file, row group, images) whose vectors the build reads, in order."""
     reads = []
-    original = index_module.read_vector_row_groups
+    original = index_tasks.read_vector_row_groups
 
     def recording(storage, piece):
         for group, table in original(storage, piece):
             reads.append((piece.key, group, table.column("sha256").to_pylist()))
             yield group, table
 
-    monkeypatch.setattr(index_module, "read_vector_row_groups", recording)
+    monkeypatch.setattr(index_tasks, "read_vector_row_groups", recording)
     return reads
 
 

@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from pipelines.config import load_settings
-from pipelines.index.stage import IndexSettings, build_index, snapshot_prefix
+from pipelines.config import IndexSettings, load_settings
+from pipelines.index import build_index
+from pipelines.layout import snapshot_prefix
 from pipelines.publish import (ManifestInvalid, PublishError, SnapshotVerificationError, apply_retention,
                                list_snapshots, publish_snapshot, read_latest, read_manifest, rollback,
                                validate_manifest)

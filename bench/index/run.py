@@ -192,7 +192,7 @@ def base_files(base_dir: Path) -> list[Path]:
 
 
 def exact_truth(base_dir: Path, queries: np.ndarray, k: int = 10) -> np.ndarray:
-    from pipelines.index.stage import FileVectors, exact_top_k
+    from pipelines.index.vectors import FileVectors, exact_top_k
 
     offset, scores_all, ids_all = 0, [], []
     for path in base_files(base_dir):
@@ -295,7 +295,8 @@ def build_ours_sharded(warehouse: str, out: str, budget_mb: int, max_vectors_per
     runs (plan, read the shard's vectors from the embeddings Parquet, train, add, tune, check, write
     the shard file and id map), minus Spark."""
     from pipelines.config import load_settings
-    from pipelines.index.stage import IndexSettings, build_index
+    from pipelines.config import IndexSettings
+    from pipelines.index import build_index
 
     settings = load_settings(warehouse=warehouse)
     cfg = IndexSettings(memory_budget_mb=budget_mb, max_vectors_per_shard=max_vectors_per_shard)
@@ -310,7 +311,9 @@ def build_ours_sharded(warehouse: str, out: str, budget_mb: int, max_vectors_per
 
 def build_ours_one_shard(base_dir: str, out: str, budget_mb: int, threads: int) -> None:
     """Child process (--single-shard): `build_shard` on the whole base as one shard."""
-    from pipelines.index.stage import FileVectors, IndexSettings, build_shard
+    from pipelines.config import IndexSettings
+    from pipelines.index.shard import build_shard
+    from pipelines.index.vectors import FileVectors
 
     files = base_files(Path(base_dir))
     if len(files) > 1:  # catalog vectors: concatenate into one file the shard builder reads in chunks
@@ -394,7 +397,7 @@ def snapshot_parts(warehouse_root: Path, infos: dict, data: BenchData) -> list[P
     """Every shard of our snapshot, with its vector id -> base row map from its id map."""
     import pyarrow.parquet as pq
 
-    from pipelines.index.stage import snapshot_prefix
+    from pipelines.layout import snapshot_prefix
 
     shas = np.array(row_shas(data), dtype="S64")
     order = np.argsort(shas)
@@ -446,7 +449,7 @@ def evaluate(parts: list[Part], data: BenchData, threads: int, rounds: int = 3,
     """recall@10 on the held-out queries and on catalog queries, QPS of the held-out batch."""
     import faiss
 
-    from pipelines.index.stage import recall_at_k
+    from pipelines.index.vectors import recall_at_k
 
     faiss.omp_set_num_threads(threads)
     for number, part in enumerate(parts):

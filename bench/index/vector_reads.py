@@ -33,7 +33,11 @@ import pyarrow.compute as pc
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from pipelines.index import stage as index
+from pipelines.index.plan import plan_shards  # noqa: E402
+from pipelines.index.routing import locate_vectors, plan_vector_reads  # noqa: E402
+from pipelines.index.stage import latest_dedup_run, read_dedup_members  # noqa: E402
+from pipelines.index.tasks import _stage_shard_vectors, run_route_task  # noqa: E402
+from pipelines.layout import embeddings_prefix  # noqa: E402
 from pipelines.storage import open_storage  # noqa: E402
 
 
@@ -59,14 +63,14 @@ def main() -> int:
     args = parser.parse_args()
 
     storage = open_storage(args.warehouse)
-    run_id = args.run_id or index.latest_dedup_run(storage)
+    run_id = args.run_id or latest_dedup_run(storage)
     version = args.model_version or storage.list_dirs("embeddings")[0]
-    emb_prefix = index.embeddings_prefix(version)
-    members = index.read_dedup_members(storage, run_id)
+    emb_prefix = embeddings_prefix(version)
+    members = read_dedup_members(storage, run_id)
     pairs = members.group_by(["category", "sha256"]).aggregate([])
     counts = pairs.group_by("category").aggregate([("sha256", "count")])
-    plans = index.plan_shards(dict(zip(counts.column("category").to_pylist(),
-                                       counts.column("sha256_count").to_pylist())), args.max_vectors_per_shard)
+    plans = plan_shards(dict(zip(counts.column("category").to_pylist(),
+                                 counts.column("sha256_count").to_pylist())), args.max_vectors_per_shard)
     shard_shas = {}
     for plan in plans:  # as build_index does (categories split across shards by sha256 order)
         rows = members.filter(pc.is_in(members.column("category"), value_set=pa.array(plan.categories)))
@@ -79,15 +83,15 @@ def main() -> int:
     staging = "bench/_vector_reads_staging/"
     try:
         started = time.perf_counter()
-        keys, located = index.locate_vectors(storage, emb_prefix)
+        keys, located = locate_vectors(storage, emb_prefix)
         located_s = time.perf_counter() - started
-        reads = index.plan_vector_reads(keys, located, {k: pa.array(v, pa.string()) for k, v in shard_shas.items()},
-                                        staging, args.warehouse, None)
-        routed = sum(index.run_route_task(task)["rows"] for task in reads.route_tasks)
+        reads = plan_vector_reads(keys, located, {k: pa.array(v, pa.string()) for k, v in shard_shas.items()},
+                                  staging, args.warehouse, None)
+        routed = sum(run_route_task(task)["rows"] for task in reads.route_tasks)
         routed_s = time.perf_counter() - started
         for shard_id, shas in shard_shas.items():
-            staged, found = index._stage_shard_vectors(storage, reads.shard_files[shard_id],
-                                                       np.array(shas, dtype=object), str(scratch / "staged.f32"))
+            staged, found = _stage_shard_vectors(storage, reads.shard_files[shard_id],
+                                                 np.array(shas, dtype=object), str(scratch / "staged.f32"))
         out["this_tree"] = {"seconds": round(time.perf_counter() - started, 1), "locate_s": round(located_s, 1),
                             "locate_and_route_s": round(routed_s, 1), **reads.describe(),
                             "rows_decoded_by_shard_tasks": routed if reads.mode == "routed" else reads.rows_read}

@@ -74,7 +74,7 @@ def read_snapshot_vectors(warehouse: str, model_version: str, shas: list[str]):
     """The pipeline's own catalog vectors (embeddings cache of the snapshot's model version), in `shas` order."""
     import numpy as np
 
-    from pipelines.index.stage import embeddings_prefix
+    from pipelines.layout import embeddings_prefix
     from pipelines.storage import open_storage
 
     storage = open_storage(warehouse)

@@ -21,6 +21,7 @@ from pipelines.cli.common import (
     settings_from_args,
     spark_factory,
 )
+from pipelines.config import IndexSettings
 from pipelines.decode import IMAGE_SUFFIXES
 from pipelines.progress import console
 
@@ -51,7 +52,7 @@ def _serving_common(parser: argparse.ArgumentParser, warehouse_required: bool = 
 
 def _index_settings(args, **flags):
     # faiss and pyarrow: kept out of the CLI's import time
-    from pipelines.index.stage import IndexSettings, index_settings_from
+    from pipelines.index import index_settings_from
 
     settings = settings_from_args(args)
     current = index_settings_from(settings).model_dump()
@@ -100,7 +101,7 @@ def _add_build_index(sub) -> None:
 
 def cmd_build_index(args) -> int:
     # faiss and pyarrow: kept out of the CLI's import time
-    from pipelines.index.stage import IndexCheckFailed, build_index, model_for_version
+    from pipelines.index import IndexCheckFailed, build_index, model_for_version
 
     settings, cfg = _index_settings(args, max_vectors_per_shard=args.max_vectors_per_shard,
                                     memory_budget_mb=args.memory_budget_mb, min_recall=args.min_recall,
