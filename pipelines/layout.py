@@ -161,6 +161,19 @@ def latest_key(name: str) -> str:
     return f"indexes/{name}/LATEST"
 
 
+def build_staging_prefix(snapshot_prefix_: str) -> str:
+    """Scratch files of a build in progress (members, routed vectors), deleted when it ends."""
+    return f"{snapshot_prefix_}_staging/"
+
+
+def staging_members_key(staging_prefix: str, shard_id: str) -> str:
+    return f"{staging_prefix}members-{shard_id}.parquet"
+
+
+def routed_vectors_key(staging_prefix: str, shard_id: str, route_task: int) -> str:
+    return f"{staging_prefix}vectors/{shard_id}/route-{route_task:05d}.parquet"
+
+
 # --- validation and reports -----------------------------------------------------------
 
 def validation_quarantine_key(run_id: str, stage: str) -> str:

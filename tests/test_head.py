@@ -17,7 +17,7 @@ import torch
 from conftest import make_jpeg, make_png
 from pipelines.config import load_settings
 from pipelines.layout import dedup_success_key
-from pipelines.embed.stage import embeddings_prefix
+from pipelines.layout import embeddings_prefix
 from pipelines.embed.head import ADOPTED_KEY, HeadSettings, load_adopted_head, split_by_product, train_head
 from pipelines.cli.head import add_head_commands
 from pipelines.embed.model import Preprocessing

@@ -15,8 +15,8 @@ band layout is chosen by a cost model (more bands: fewer flip patterns but more
 candidates); small inputs are compared directly. All of it is numpy array work, spread
 over threads (numpy releases the GIL).
 
-Everything here is pure computation on arrays: no I/O, no Spark. The module is longer than
-500 lines because the search is one algorithm whose parts (band planning, grouping by band
+Everything here is pure computation on arrays: no I/O, no Spark. The module is
+longer than 500 lines because the search is one algorithm whose parts (band planning, grouping by band
 value, joining flip patterns, brute force for small inputs) share private helpers and cost
 constants; cutting it would scatter one idea over several files.
 """

@@ -47,6 +47,7 @@ from pipelines.readers import (  # noqa: F401
 )
 from pipelines.spark import run_tasks
 from pipelines.storage import Storage, open_storage
+from schemas.reasons import BYTES_MISSING
 from schemas.tables import DEDUP_IMAGES, DEDUP_PAIRS, QUARANTINE
 
 HASH_CACHE = pa.schema([("sha256", pa.string()), ("phash", pa.string()), ("reason", pa.string()),
@@ -129,7 +130,7 @@ def hash_task(task: HashTask) -> dict:
     rows = [{"sha256": s, "phash": None if r else phash_hex(h), "reason": r,
              "detail": f"pHash failed: {r}" if r else None, "run_id": task.run_id}
             for s, h, r in zip(shas, hashes.tolist(), reasons)]
-    rows += [{"sha256": s, "phash": None, "reason": "bytes_missing", "run_id": task.run_id,
+    rows += [{"sha256": s, "phash": None, "reason": BYTES_MISSING, "run_id": task.run_id,
               "detail": f"not found in {task.stored_key}"} for s in missing]
     storage.write_table(f"{hash_cache_prefix(task.draft_size)}part-{task.run_id}-{task.part}.parquet",
                         pa.Table.from_pylist(rows, HASH_CACHE))

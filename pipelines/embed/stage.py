@@ -45,7 +45,6 @@ class EmbedError(StageRefused):
     pass
 
 
-embeddings_prefix = layout.embeddings_prefix
 
 
 def spec_from_settings(cfg: EmbedSettings, storage: Storage | None = None):
@@ -105,7 +104,7 @@ def _project_with_pca(storage: Storage, run_id: str, base_spec, cfg: EmbedSettin
         projected = apply_pca(np.stack(full["vector"].to_numpy()), pca)
         now = pd.Timestamp(datetime.now(timezone.utc))
         digest = hashlib.sha256("".join(full["sha256"]).encode()).hexdigest()[:12]
-        storage.write_table(f"{embeddings_prefix(version)}part-{run_id}-pca-{digest}.parquet", pa.table({
+        storage.write_table(f"{layout.embeddings_prefix(version)}part-{run_id}-pca-{digest}.parquet", pa.table({
             "sha256": pa.array(full["sha256"].tolist(), pa.string()),
             "vector": pa.array(list(projected.astype(np.float32)), pa.list_(pa.float32())),
             "model_version": pa.array([version] * len(full), pa.string()),
@@ -193,7 +192,7 @@ def embed_task(task: EmbedTask) -> dict:
         "run_id": pa.array([task.run_id] * len(done), pa.string()),
         "embedded_at": pa.array([now] * len(done), EMBEDDINGS.field("embedded_at").type),
     }, schema=EMBEDDINGS)
-    storage.write_table(f"{embeddings_prefix(embedder.version)}part-{task.run_id}-{task.part}.parquet", table)
+    storage.write_table(f"{layout.embeddings_prefix(embedder.version)}part-{task.run_id}-{task.part}.parquet", table)
     quarantine = [{"run_id": task.run_id, "stage": "embed", "reason": r.reason, "detail": r.detail,
                    "sha256": r.sha256, "at": now} for r in failed.itertuples()]
     storage.write_table(f"{layout.quarantine_prefix(task.run_id, 'embed')}part-{task.part}.parquet",

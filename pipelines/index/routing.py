@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipelines.config import S3Settings
+from pipelines.layout import routed_vectors_key
 from pipelines.storage import Storage
 
 
@@ -150,5 +151,3 @@ def plan_vector_reads(keys: list[str], located: pa.Table, shard_shas: dict[str, 
     return VectorReads("routed", shard_files, route_tasks, len(needed_groups), rows_read)
 
 
-def routed_vectors_key(staging_prefix: str, shard_id: str, route_task: int) -> str:
-    return f"{staging_prefix}vectors/{shard_id}/route-{route_task:05d}.parquet"

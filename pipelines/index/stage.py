@@ -38,6 +38,7 @@ from typing import Any, Sequence
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipelines import layout
 from pipelines.config import IndexSettings, Settings
 from pipelines.dedup import with_valid_canonicals
 from pipelines.index.errors import IndexBuildError, IndexCheckFailed
@@ -68,6 +69,7 @@ from pipelines.snapshot import (
 )
 from pipelines.spark import run_tasks
 from pipelines.storage import Storage, open_storage
+from schemas.reasons import MISSING_EMBEDDING
 from schemas.tables import QUARANTINE
 
 
@@ -104,10 +106,10 @@ class BuildResult:
 
 
 def latest_dedup_run(storage: Storage) -> str:
-    runs = [run for run in storage.list_dirs("dedup") if storage.exists(dedup_images_key(run))
+    runs = [run for run in storage.list_dirs(layout.DEDUP_ROOT) if storage.exists(dedup_images_key(run))
             or storage.list(dedup_images_key(run) + "/")]
     if not runs:
-        raise IndexBuildError(f"no dedup output under {storage.uri_for('dedup/')}: run the dedup stage first "
+        raise IndexBuildError(f"no dedup output under {storage.uri_for(layout.DEDUP_ROOT)}: run the dedup stage first "
                               "or pass --run-id")
     return sorted(runs)[-1]
 
@@ -143,10 +145,6 @@ def read_dedup_members(storage: Storage, run_id: str) -> pa.Table:
     frame = frame.sort_values(["category", "sha256", "product_id", "image_url"])
     frame = frame.drop_duplicates(["category", "sha256", "product_id"]).reset_index(drop=True)
     return pa.Table.from_pandas(frame, preserve_index=False)
-
-
-def _staging_prefix(snapshot_prefix_: str) -> str:
-    return snapshot_prefix_ + "_staging/"
 
 
 def build_index(settings: Settings, run_id: str | None = None, *, model: Any = None,
@@ -227,12 +225,12 @@ def build_index(settings: Settings, run_id: str | None = None, *, model: Any = N
                     plan_rows[new_id], members_digests[new_id] = plan_rows.pop(plan.shard_id), members_digests.pop(plan.shard_id)
                     plan.shard_id = new_id
 
-    staging = _staging_prefix(prefix)
+    staging = layout.build_staging_prefix(prefix)
     tasks: list[ShardTask | CopyTask] = []
     shard_shas: dict[str, pa.Array] = {}
     for plan in plans:
         rows = plan_rows[plan.shard_id]
-        members_key = f"{staging}members-{plan.shard_id}.parquet"
+        members_key = layout.staging_members_key(staging, plan.shard_id)
         storage.write_table(members_key, rows)
         shard_shas[plan.shard_id] = pc.unique(rows.column("sha256"))
         tasks.append(ShardTask(settings.warehouse, settings.s3, prefix, plan.shard_id, plan.categories,
@@ -310,7 +308,7 @@ def build_index(settings: Settings, run_id: str | None = None, *, model: Any = N
 def _describe_model(model: Any) -> tuple[dict, dict[str, bytes]]:
     """(description for the manifest, files the snapshot must carry to reproduce query vectors)."""
     if model is None:
-        from pipelines.embed import default_spec  # here, not at module top: loads torch
+        from pipelines.embed import default_spec  # here: keeps torch out of import time
 
         model = default_spec()
     if isinstance(model, dict):
@@ -343,7 +341,7 @@ def _quarantine_missing(storage: Storage, run_id: str, members: pa.Table, missin
     table = pa.table({
         "run_id": [run_id] * rows.num_rows,
         "stage": ["index"] * rows.num_rows,
-        "reason": ["missing_embedding"] * rows.num_rows,
+        "reason": [MISSING_EMBEDDING] * rows.num_rows,
         "detail": ["no vector for the canonical image in the embeddings cache"] * rows.num_rows,
         "row_index": pa.nulls(rows.num_rows, pa.int64()),
         "product_id": rows.column("product_id"),
@@ -359,7 +357,7 @@ def _quarantine_missing(storage: Storage, run_id: str, members: pa.Table, missin
 def model_for_version(version: str | None) -> Any:
     """The model to record for `--model-version`: the installed spec when it is that version,
     else a bare description (such a snapshot is searchable by vector, not by image)."""
-    from pipelines.embed import (  # here, not at module top: loads torch
+    from pipelines.embed import (  # here: keeps torch out of import time
         default_spec,
         model_version,
     )

@@ -24,9 +24,10 @@ import pyarrow.parquet as pq
 
 from pipelines.config import IndexSettings, S3Settings
 from pipelines.index.errors import IndexBuildError
-from pipelines.index.routing import ParquetSlice, RouteTask, routed_vectors_key
+from pipelines.index.routing import ParquetSlice, RouteTask
 from pipelines.index.shard import build_shard
 from pipelines.index.vectors import FileVectors
+from pipelines.layout import routed_vectors_key
 from pipelines.snapshot import shard_idmap_path, shard_index_path
 from pipelines.storage import Storage, open_storage
 from schemas.tables import INDEX_IDMAP
