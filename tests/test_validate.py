@@ -215,7 +215,7 @@ def test_manifest_without_a_required_column_stops_the_run(nights, spark):
 
 
 def _validate_cli(argv: list[str]) -> int:
-    from pipelines.cli.validate import _add_validate
+    from pipelines.cli.validate import add_validate_commands as _add_validate
 
     parser = argparse.ArgumentParser(prog="catalog-index")
     _add_validate(parser.add_subparsers(dest="command", required=True))
