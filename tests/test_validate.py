@@ -22,9 +22,14 @@ from pipelines.crawl.stage import run_crawl
 from pipelines.validate.gates import (GateFailed, ValidateSettings, category_drop_gate, crawl_failure_gate,
                              decode_failure_gate, rate_gate)
 from pipelines.storage import open_storage
-from pipelines.validate.stage import (dedup_images_key, embed_success_key, exclude_quarantined, quarantine_key,
-                                read_spark_table, report_key, validate_embeddings, validate_index, validate_stage)
+from pipelines.layout import dedup_images_key, embed_success_key
+from pipelines.layout import validation_quarantine_key as quarantine_key
+from pipelines.layout import validation_report_key as report_key
+from pipelines.validate.embeddings import validate_embeddings
+from pipelines.validate.index import validate_index
+from pipelines.validate.stage import validate_stage
 from pipelines.validate.suites import expectation_name
+from pipelines.validate.tables import exclude_quarantined, read_spark_table
 from schemas.tables import DEDUP_IMAGES, EMBEDDINGS, MANIFEST, QUARANTINE
 
 NIGHT1, NIGHT2, BROKEN = "20261101T030000Z", "20261102T030000Z", "20261103T030000Z"
@@ -388,9 +393,9 @@ def test_the_failing_rows_query_finds_exactly_what_gx_counts(spark, stage):
     """Quarantine comes from one Spark query over the suite's row-level expectations; GX runs
     the suite itself. On rows crafted to break every row-level expectation, both must agree,
     expectation by expectation (a quarantine that drifted from the suite would go unnoticed)."""
-    from pipelines.validate.suites import (CRITICAL, find_failing_rows, is_row_level, load_suite, row_checks,
-                                        run_suite, severity_of)
-    from pipelines.validate.stage import _CARRIED
+    from pipelines.validate.engine import _CARRIED
+    from pipelines.validate.failing_rows import find_failing_rows, is_row_level
+    from pipelines.validate.suites import CRITICAL, load_suite, row_checks, run_suite, severity_of
 
     suite = load_suite(stage)
     df, parameters = ((_crafted_images(spark), IMAGE_PARAMETERS) if stage == "images"
@@ -441,7 +446,7 @@ def test_a_validation_runs_a_few_spark_jobs_not_one_per_expectation(nights, spar
 
 
 def test_no_failing_rows_query_when_gx_found_none(nights, spark, monkeypatch):
-    import pipelines.validate.stage as validate_module
+    import pipelines.validate.engine as validate_module
     settings, *_ = nights
 
     def must_not_run(*args, **kwargs):
@@ -476,7 +481,7 @@ def test_tables_are_read_with_the_schema_spark_would_infer(nights, spark, tmp_pa
     Spark's own inference gives; types that do not map one to one are left to Spark."""
     import pyarrow.parquet as pq
 
-    from pipelines.validate.stage import _parquet_keys, _spark_schema_from_footer
+    from pipelines.validate.tables import _parquet_keys, _spark_schema_from_footer
 
     settings, *_ = nights
     storage = open_storage(settings.warehouse)
@@ -514,7 +519,7 @@ def night1_again(nights):
 
 
 def _counting_suite_runs(monkeypatch) -> list:
-    import pipelines.validate.stage as validate_module
+    import pipelines.validate.engine as validate_module
     calls, real = [], validate_module.run_suite
     monkeypatch.setattr(validate_module, "run_suite", lambda *a, **k: calls.append(k.get("asset_name")) or real(*a, **k))
     return calls

@@ -2,7 +2,7 @@
 
 Parses flags, calls `validate_stage`, prints the expectations and gates, and turns a
 tripped gate into exit code 1 with the message that says how to override. No validation
-logic lives here. `pipelines.cli.build_parser` registers it with `_add_validate(sub)`.
+logic lives here. `pipelines.cli.build_parser` registers it with `add_validate_commands(sub)`.
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ THRESHOLDS = """thresholds (config file `validation:` section, or CATALOG_INDEX_
 
 def add_validate_commands(sub) -> None:
     # Great Expectations and pyarrow: kept out of the CLI's import time
-    from pipelines.validate.stage import STAGES
+    from pipelines.validate import STAGES
 
     p = sub.add_parser("validate", help="run a stage's expectation suite and the gates before publish",
                        description=DESCRIPTION, epilog=f"{THRESHOLDS}\n\n{EPILOG}",
@@ -75,7 +75,7 @@ def cmd_validate(args) -> int:
 
     # pandas/pyarrow/boto3: kept out of the CLI's import time (`--help` answers in 0.3 s)
     from pipelines.storage import read_uri_bytes
-    from pipelines.validate.stage import GateFailed, validate_stage
+    from pipelines.validate import GateFailed, validate_stage
 
     settings = settings_from_args(args)
     inputs = {}

@@ -1,15 +1,13 @@
 """Expectation suites from `schemas/gx/*.json`, run with Great Expectations on Spark DataFrames.
 
-Three jobs, one per function group:
-- `load_suite`: read a reviewable suite file (GX 1.x ExpectationSuite JSON) and check that GX
-  can build every expectation in it. Thresholds are `{"$PARAMETER": name}` references,
-  filled in at run time from `ValidateSettings` (or from the previous run, for categories).
+- `load_suite` / `read_suite`: read a reviewable suite file (GX 1.x ExpectationSuite JSON);
+  `load_suite` also checks that GX can build every expectation in it. Thresholds are
+  `{"$PARAMETER": name}` references, filled in at run time from `ValidateSettings` (or from
+  the previous run, for categories).
+- `row_checks`: the suite's critical row-level expectations as Spark conditions (each built
+  by pipelines.validate.failing_rows, which finds the failing rows).
 - `run_suite`: validate a Spark DataFrame through GX's Spark datasource (a whole-dataframe
   batch in an ephemeral context) and write the Data Docs HTML site into a local folder.
-- `find_failing_rows`: turn the suite's row-level expectations into Spark conditions with the
-  same semantics, evaluate them all in one query and bring back only the failing rows (as
-  Arrow), each with the name of the first expectation it failed as its reason and a detail
-  naming every failure.
 
 Cost: a validation is a handful of Spark queries whatever the suite's size. GX bundles its
 aggregate metrics (one query per dependency level; uniqueness adds a window count), and two
@@ -18,12 +16,14 @@ values nobody asked for, and its bundled aggregate reads the same every run so t
 reuses the compiled code (`_skip_unrequested_failing_values`, `_stable_metric_bundles`).
 
 Severity decides what a failure does: `critical` row-level expectations quarantine rows,
-`critical` batch-level ones stop the run (see `pipelines.gates`), `warning`/`info` ones are
-flagged in the report only. An expectation type this module cannot express as a Spark
-filter is treated as batch-level: it stops the run rather than let bad rows through.
+`critical` batch-level ones stop the run (see `pipelines.validate.gates`), `warning`/`info`
+ones are flagged in the report only. An expectation type that pipelines.validate.failing_rows
+cannot express as a Spark filter is treated as batch-level: it stops the run rather than let
+bad rows through.
 
-This module must never collect a whole table to the driver: GX computes its metrics in
-Spark, and only failing rows come back.
+GX is imported on first use (`_import_gx`, one thread at a time), never with this module; the
+Data Docs views GX's site builder looks up here are built on first use too (`__getattr__`).
+This module must never collect a whole table to the driver: GX computes its metrics in Spark.
 """
 from __future__ import annotations
 
@@ -36,10 +36,10 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-import pyarrow as pa
 from pipelines.errors import UsageError
+from pipelines.validate.failing_rows import RowCheck, checked_columns, is_row_level, row_check
 
 SUITES_DIR = Path(__file__).resolve().parents[2] / "schemas" / "gx"
 PARAMETER = "$PARAMETER"
@@ -170,8 +170,22 @@ def severity_of(config: dict[str, Any]) -> str:
     return str(config.get("severity", CRITICAL)).lower()
 
 
-def is_row_level(config: dict[str, Any]) -> bool:
-    return config["type"] in ROW_CONDITIONS
+def row_checks(suite: dict[str, Any], parameters: dict[str, Any], columns: list[str]) -> list[RowCheck]:
+    """Spark conditions for the suite's critical row-level expectations, in suite order.
+
+    An expectation whose column is missing from the frame is skipped here: GX fails it
+    (and the table-columns expectation), which stops the run at the batch level.
+    """
+    checks = []
+    for config in suite["expectations"]:
+        if not is_row_level(config) or severity_of(config) != CRITICAL:
+            continue
+        name = expectation_name(config)
+        kwargs = resolve_parameters(config["kwargs"], parameters, name)
+        if any(c not in columns for c in checked_columns(kwargs)):
+            continue
+        checks.append(row_check(name, config["type"], kwargs, columns, (config.get("meta") or {}).get("keep_first_by")))
+    return checks
 
 
 # ---------------------------------------------------------------------------------------
@@ -442,264 +456,6 @@ def _finite_or_none(value: Any) -> Any:
     return value
 
 
-# ---------------------------------------------------------------------------------------
-# failing rows, found with Spark from the same expectation configurations
-# ---------------------------------------------------------------------------------------
-
-@dataclass
-class RowCheck:
-    """A row-level expectation as a Spark condition: `unexpected` is true on a failing row."""
-
-    name: str
-    unexpected: Any             # pyspark Column (boolean; null counts as passing)
-    columns: list[str]          # the columns it checks, shown in the quarantine detail
-    expected: str               # what a passing value looks like, e.g. "expected >= 32"
-    fails_on_null: bool = False  # not_null: a failing row's value is null, nothing to fetch
-
-    def detail(self, values: dict[str, Any]) -> str:
-        shown = " ".join(f"{c}={'null' if self.fails_on_null else _show(values.get(c))}" for c in self.columns)
-        return f"{self.name}: {shown} ({self.expected})"
-
-
-def _show(value: Any) -> str:
-    """A value as Spark casts it to a string (the quarantine detail read the same before)."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "NaN"
-        if math.isinf(value):
-            return "Infinity" if value > 0 else "-Infinity"
-    return str(value)
-
-
-def _describe_bounds(kwargs: dict[str, Any]) -> str:
-    low, high = kwargs.get("min_value"), kwargs.get("max_value")
-    low_op = ">" if kwargs.get("strict_min") else ">="
-    high_op = "<" if kwargs.get("strict_max") else "<="
-    if low is not None and high is not None:
-        return f"between {low} and {high}" if low != high else f"exactly {low}"
-    return f"{low_op} {low}" if low is not None else f"{high_op} {high}"
-
-
-def _between(kwargs, columns):
-    from pyspark.sql import functions as F
-
-    column = F.col(kwargs["column"])
-    inside = F.lit(True)
-    if kwargs.get("min_value") is not None:
-        low = F.lit(kwargs["min_value"])
-        inside = inside & ((column > low) if kwargs.get("strict_min") else (column >= low))
-    if kwargs.get("max_value") is not None:
-        high = F.lit(kwargs["max_value"])
-        inside = inside & ((column < high) if kwargs.get("strict_max") else (column <= high))
-    # Like GX: nulls are not checked by value expectations (not_be_null is there for that).
-    return column.isNotNull() & ~inside, f"expected {_describe_bounds(kwargs)}"
-
-
-def _length_between(kwargs, columns):
-    from pyspark.sql import functions as F
-
-    length = F.length(F.col(kwargs["column"]))
-    inside = F.lit(True)
-    if kwargs.get("min_value") is not None:
-        inside = inside & (length >= F.lit(kwargs["min_value"]))
-    if kwargs.get("max_value") is not None:
-        inside = inside & (length <= F.lit(kwargs["max_value"]))
-    return F.col(kwargs["column"]).isNotNull() & ~inside, f"length expected {_describe_bounds(kwargs)}"
-
-
-def _describe_set(values: list) -> str:
-    values = list(values)
-    shown = ", ".join(map(str, values[:8])) + (f", ... ({len(values)} values)" if len(values) > 8 else "")
-    return f"{{{shown}}}"
-
-
-def _in_set(kwargs, columns):
-    from pyspark.sql import functions as F
-
-    column, values = F.col(kwargs["column"]), list(kwargs["value_set"] or [])
-    return column.isNotNull() & ~column.isin(values), f"expected one of {_describe_set(values)}"
-
-
-def _not_in_set(kwargs, columns):
-    from pyspark.sql import functions as F
-
-    column, values = F.col(kwargs["column"]), list(kwargs["value_set"] or [])
-    return column.isNotNull() & column.isin(values), f"expected none of {_describe_set(values)}"
-
-
-def _match_regex(kwargs, columns):
-    from pyspark.sql import functions as F
-
-    column = F.col(kwargs["column"])
-    return column.isNotNull() & ~column.rlike(kwargs["regex"]), f"expected to match {kwargs['regex']}"
-
-
-def _not_match_regex(kwargs, columns):
-    from pyspark.sql import functions as F
-
-    column = F.col(kwargs["column"])
-    return column.isNotNull() & column.rlike(kwargs["regex"]), f"expected not to match {kwargs['regex']}"
-
-
-def _not_null(kwargs, columns):
-    from pyspark.sql import functions as F
-
-    return F.col(kwargs["column"]).isNull(), "expected a value, found null"
-
-
-def _unique(kwargs, columns, keep_first_by: str | None = None):
-    from pyspark.sql import Window
-    from pyspark.sql import functions as F
-
-    names = [kwargs["column"]] if "column" in kwargs else list(kwargs["column_list"])
-    window = Window.partitionBy(*names)
-    ignore_row_if = kwargs.get("ignore_row_if", "all_values_are_missing")
-    if "column" in kwargs:
-        considered = F.col(names[0]).isNotNull()   # GX skips nulls in single-column uniqueness
-    elif ignore_row_if == "all_values_are_missing":  # GX's default for compound uniqueness
-        considered = ~_all_null(names)
-    elif ignore_row_if == "any_value_is_missing":
-        considered = ~_any_null(names)
-    else:
-        considered = F.lit(True)
-    label = names[0] if len(names) == 1 else f"({', '.join(names)})"
-    if keep_first_by and keep_first_by in columns:
-        # The first copy passes: the catalog keeps one row per (product, image), like the crawl.
-        unexpected = considered & (F.row_number().over(window.orderBy(F.col(keep_first_by))) > 1)
-        return unexpected, f"repeats an earlier row with the same {label} (first copy kept)"
-    unexpected = considered & (F.count(F.lit(1)).over(window) > 1)
-    return unexpected, f"{label} is not unique (every copy rejected)"
-
-
-def _all_null(names):
-    from pyspark.sql import functions as F
-
-    condition = F.lit(True)
-    for n in names:
-        condition = condition & F.col(n).isNull()
-    return condition
-
-
-def _any_null(names):
-    from pyspark.sql import functions as F
-
-    condition = F.lit(False)
-    for n in names:
-        condition = condition | F.col(n).isNull()
-    return condition
-
-
-ROW_CONDITIONS: dict[str, Callable] = {
-    "expect_column_values_to_not_be_null": _not_null,
-    "expect_column_values_to_be_between": _between,
-    "expect_column_value_lengths_to_be_between": _length_between,
-    "expect_column_values_to_be_in_set": _in_set,
-    "expect_column_values_to_not_be_in_set": _not_in_set,
-    "expect_column_values_to_match_regex": _match_regex,
-    "expect_column_values_to_not_match_regex": _not_match_regex,
-    "expect_column_values_to_be_unique": _unique,
-    "expect_compound_columns_to_be_unique": _unique,
-}
-
-
-def _columns_of(kwargs: dict[str, Any]) -> list[str]:
-    if "column" in kwargs:
-        return [kwargs["column"]]
-    return list(kwargs.get("column_list", []))
-
-
-def row_checks(suite: dict[str, Any], parameters: dict[str, Any], columns: list[str]) -> list[RowCheck]:
-    """Spark conditions for the suite's critical row-level expectations, in suite order.
-
-    An expectation whose column is missing from the frame is skipped here: GX fails it
-    (and the table-columns expectation), which stops the run at the batch level.
-    """
-    checks = []
-    for config in suite["expectations"]:
-        if not is_row_level(config) or severity_of(config) != CRITICAL:
-            continue
-        name = expectation_name(config)
-        kwargs = resolve_parameters(config["kwargs"], parameters, name)
-        if any(c not in columns for c in _columns_of(kwargs)):
-            continue
-        builder = ROW_CONDITIONS[config["type"]]
-        if builder is _unique:
-            unexpected, expected = builder(kwargs, columns, (config.get("meta") or {}).get("keep_first_by"))
-        else:
-            unexpected, expected = builder(kwargs, columns)
-        checks.append(RowCheck(name, unexpected, _columns_of(kwargs), expected, fails_on_null=builder is _not_null))
-    return checks
-
-
-@dataclass
-class FailingRows:
-    """Rows that failed at least one critical row-level expectation."""
-
-    rows: pa.Table                      # key columns + reason (first failure) + detail (every failure)
-    failures_per_expectation: dict[str, int]
-    input_rows: int
-
-    @property
-    def quarantined(self) -> int:
-        return self.rows.num_rows
-
-
-_FLAG = "__failed_{}"
-
-
-def no_failing_rows(checks: list[RowCheck], carry_columns: list[str], input_rows: int) -> FailingRows:
-    """The result of `find_failing_rows` when it is known that no row fails (no Spark query)."""
-    empty = pa.table({c: pa.array([], pa.string()) for c in carry_columns})
-    return FailingRows(_failing_table(carry_columns, empty, []), {c.name: 0 for c in checks}, input_rows)
-
-
-def find_failing_rows(df, checks: list[RowCheck], carry_columns: list[str],
-                      input_rows: int | None = None) -> FailingRows:
-    """Evaluate every check in one Spark query over `df`: one boolean column per check, and
-    only the rows with a true one come back to the driver, with the `carry_columns` that exist
-    in `df` and the values the checks looked at. The reason (first failed check) and the
-    detail (every failed check, with its values) are written here, for those rows only.
-    `input_rows` saves a Spark job when the caller has counted the frame already."""
-    import functools
-    import operator
-
-    from pyspark.sql import functions as F
-
-    input_rows = df.count() if input_rows is None else input_rows
-    carry = [c for c in carry_columns if c in df.columns]
-    if not checks:
-        return no_failing_rows(checks, carry, input_rows)
-    shown = list(dict.fromkeys(c for check in checks if not check.fails_on_null for c in check.columns))
-    flags = [_FLAG.format(i) for i in range(len(checks))]
-    failing = (df.select(*dict.fromkeys(carry + shown), *[check.unexpected.alias(f) for check, f in zip(checks, flags)])
-               .where(functools.reduce(operator.or_, [F.col(f) for f in flags])))
-    table = failing.toArrow()
-    flag_values = [table.column(f).to_pylist() for f in flags]
-    failed = [[check.name for check, hit in zip(checks, hits) if hit] for hits in zip(*flag_values)]
-    values = table.select(shown).to_pylist() if shown else [{}] * len(failed)
-    by_name = {check.name: check for check in checks}
-    per_expectation = {check.name: 0 for check in checks}
-    details = []
-    for row, names in zip(values, failed):
-        for name in names:
-            per_expectation[name] += 1
-        details.append("; ".join(by_name[name].detail(row) for name in names))
-    return FailingRows(_failing_table(carry, table.select(carry), failed, details), per_expectation, input_rows)
-
-
-def _failing_table(carry: list[str], keys: pa.Table, failed: list[list[str]], details: list[str] | None = None
-                   ) -> pa.Table:
-    columns = {c: keys.column(c) for c in carry}
-    columns["reason"] = pa.array([names[0] for names in failed], pa.string())
-    columns["detail"] = pa.array(details or [], pa.string())
-    columns["failed"] = pa.array(failed, pa.list_(pa.string()))
-    return pa.table(columns)
-
-
 def docs_index(docs_dir: Path) -> Path:
     return Path(docs_dir) / "index.html"
 
@@ -713,4 +469,3 @@ def upload_folder(local_dir: Path, storage, prefix: str) -> list[str]:
             storage.upload_file(path, key)
             keys.append(key)
     return keys
-
