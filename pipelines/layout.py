@@ -75,6 +75,9 @@ def quarantine_prefix(run_id: str, stage: str) -> str:
     return f"quarantine/{run_id}/{stage}/"
 
 
+REPORTS_ROOT = "reports"
+
+
 def reports_prefix(run_id: str) -> str:
     return f"reports/{run_id}/"
 
@@ -127,6 +130,9 @@ def hash_cache_prefix(hash_version: int, draft_size: int | None) -> str:
 
 # --- embed ----------------------------------------------------------------------------
 
+EMBEDDINGS_ROOT = "embeddings"
+
+
 def embeddings_prefix(model_version: str) -> str:
     return f"embeddings/{model_version}/"
 
@@ -148,6 +154,9 @@ def head_prefix(head_version: str) -> str:
 
 
 # --- indexes --------------------------------------------------------------------------
+
+INDEXES_ROOT = "indexes"
+
 
 def index_prefix(name: str) -> str:
     return f"indexes/{name}/"

@@ -167,7 +167,7 @@ def build_index(settings: Settings, run_id: str | None = None, *, model: Any = N
     version = model_info["version"]
     emb_prefix = embeddings_prefix(version)
     if not any(k.endswith(".parquet") for k in storage.list(emb_prefix)):
-        found = storage.list_dirs("embeddings")
+        found = storage.list_dirs(layout.EMBEDDINGS_ROOT)
         raise IndexBuildError(f"no embeddings for model version {version} under {storage.uri_for(emb_prefix)} "
                               f"(versions present: {', '.join(found) or 'none'}): run the embed stage for this "
                               "model first, or pass --model-version to index another version's vectors")

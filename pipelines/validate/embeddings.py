@@ -15,12 +15,31 @@ from pipelines.config import Settings, ValidateSettings
 from pipelines.fingerprint import values_digest
 from pipelines.readers import quarantined_sha256s
 from pipelines.storage import Storage, open_storage
-from pipelines.validate.engine import (_columns_to_validate, _finish, _look_up, _Memo, _new_result, _reused_run, _run,
-                                       _validation_settings, _with_query_settings)
+from pipelines.validate.engine import (
+    _columns_to_validate,
+    _finish,
+    _look_up,
+    _Memo,
+    _new_result,
+    _reused_run,
+    _run,
+    _validation_settings,
+    _with_query_settings,
+)
 from pipelines.validate.gates import expectations_gate, quarantine_rate_gate
 from pipelines.validate.images import _live_images
-from pipelines.validate.results import StageValidation, _batch_failures, _now_iso, previous_successful_run
-from pipelines.validate.tables import ValidationInputError, _read_json, _require_committed_crawl, read_spark_table
+from pipelines.validate.results import (
+    StageValidation,
+    _batch_failures,
+    _now_iso,
+    previous_successful_run,
+)
+from pipelines.validate.tables import (
+    ValidationInputError,
+    _read_json,
+    _require_committed_crawl,
+    read_spark_table,
+)
 
 
 def _embedding_frame(embeddings, canonical, model_version: str | None):
@@ -79,11 +98,11 @@ def _embedded_model_version(storage: Storage, run_id: str, model_version: str | 
         if summary is not None:
             model_version = summary["model_version"]
         else:
-            versions = storage.list_dirs("embeddings")
+            versions = storage.list_dirs(layout.EMBEDDINGS_ROOT)
             if len(versions) != 1:
                 raise ValidationInputError(
                     f"run {run_id} has no embed summary ({storage.uri_for(layout.embed_success_key(run_id))}) and "
-                    f"{storage.uri_for('embeddings/')} holds {versions or 'no model versions'}: run the embed stage "
+                    f"{storage.uri_for(layout.EMBEDDINGS_ROOT)} holds {versions or 'no model versions'}: run the embed stage "
                     f"first or name the version (--model-version)")
             model_version = versions[0]
     if not any(k.endswith(".parquet") for k in storage.list(layout.embeddings_prefix(model_version))):

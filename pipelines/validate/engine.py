@@ -32,12 +32,34 @@ from pipelines import layout
 from pipelines.config import Settings, ValidateSettings
 from pipelines.fingerprint import memo_key, table_digest
 from pipelines.storage import LocalStorage, Storage
-from pipelines.validate.failing_rows import FailingRows, find_failing_rows, no_failing_rows
+from pipelines.validate.failing_rows import (
+    FailingRows,
+    find_failing_rows,
+    no_failing_rows,
+)
 from pipelines.validate.gates import GateFailed, GateResult
-from pipelines.validate.results import StageValidation, _expectation_report, _value_counts, _warnings
-from pipelines.validate.suites import (ExpectationOutcome, columns_read, expectation_name, load_suite, read_suite,
-                                       row_checks, run_suite, upload_folder)
-from pipelines.validate.tables import ROW_KEYS, _parquet_column_names, _parquet_keys, _read_json
+from pipelines.validate.results import (
+    StageValidation,
+    _expectation_report,
+    _value_counts,
+    _warnings,
+)
+from pipelines.validate.suites import (
+    ExpectationOutcome,
+    columns_read,
+    expectation_name,
+    load_suite,
+    read_suite,
+    row_checks,
+    run_suite,
+    upload_folder,
+)
+from pipelines.validate.tables import (
+    ROW_KEYS,
+    _parquet_column_names,
+    _parquet_keys,
+    _read_json,
+)
 from schemas.tables import QUARANTINE
 
 # Columns copied from a failing row into its quarantine record, when the frame has them.
@@ -164,7 +186,7 @@ def _look_up(storage: Storage, run_id: str, stage: str, validation: ValidateSett
         return _Memo()
     if not validation.reuse_unchanged:
         return _Memo(key)   # recorded, so that a later run may reuse this one
-    earlier = sorted((r for r in storage.list_dirs("reports") if r < run_id), reverse=True)[:5]
+    earlier = sorted((r for r in storage.list_dirs(layout.REPORTS_ROOT) if r < run_id), reverse=True)[:5]
     for candidate in [run_id, *earlier]:
         report = _read_json(storage, layout.validation_report_key(candidate, stage))
         if not report or (report.get("extra") or {}).get("memo_key") != key:

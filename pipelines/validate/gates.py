@@ -17,7 +17,6 @@ from pipelines.config import ValidateSettings
 from pipelines.errors import StageRefused
 
 
-
 @dataclass
 class GateResult:
     """One gate's verdict with the numbers behind it."""

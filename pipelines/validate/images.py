@@ -15,14 +15,40 @@ from pipelines import layout
 from pipelines.config import Settings, ValidateSettings
 from pipelines.readers import LIVE_STATUSES
 from pipelines.storage import Storage, open_storage
-from pipelines.validate.engine import (_cached_if_worth_it, _columns_to_validate, _finish, _look_up, _new_result,
-                                       _reused_run, _rows_digest, _run, _validation_settings, _with_query_settings)
+from pipelines.validate.engine import (
+    _cached_if_worth_it,
+    _columns_to_validate,
+    _finish,
+    _look_up,
+    _new_result,
+    _reused_run,
+    _rows_digest,
+    _run,
+    _validation_settings,
+    _with_query_settings,
+)
 from pipelines.validate.failing_rows import FailingRows
-from pipelines.validate.gates import (category_drop_gate, crawl_failure_gate, decode_failure_gate, expectations_gate,
-                                      quarantine_rate_gate)
-from pipelines.validate.results import (StageValidation, _batch_failures, _now_iso, _value_counts,
-                                        previous_successful_run)
-from pipelines.validate.tables import ROW_KEYS, _read_json, _require_committed_crawl, _rows_per_value, read_spark_table
+from pipelines.validate.gates import (
+    category_drop_gate,
+    crawl_failure_gate,
+    decode_failure_gate,
+    expectations_gate,
+    quarantine_rate_gate,
+)
+from pipelines.validate.results import (
+    StageValidation,
+    _batch_failures,
+    _now_iso,
+    _value_counts,
+    previous_successful_run,
+)
+from pipelines.validate.tables import (
+    ROW_KEYS,
+    _read_json,
+    _require_committed_crawl,
+    _rows_per_value,
+    read_spark_table,
+)
 from schemas.tables import IMAGE_STATE
 
 

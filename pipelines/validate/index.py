@@ -17,25 +17,42 @@ from pipelines.fingerprint import digest
 from pipelines.readers import quarantined_sha256s
 from pipelines.snapshot import BUILD_FILE
 from pipelines.storage import Storage, open_storage
-from pipelines.validate.embeddings import _canonical_digest, _excluded_before_embedding, _without
-from pipelines.validate.engine import (_finish, _look_up, _Memo, _new_result, _reused_run, _run, _validation_settings,
-                                       _with_query_settings)
+from pipelines.validate.embeddings import (
+    _canonical_digest,
+    _excluded_before_embedding,
+    _without,
+)
+from pipelines.validate.engine import (
+    _finish,
+    _look_up,
+    _Memo,
+    _new_result,
+    _reused_run,
+    _run,
+    _validation_settings,
+    _with_query_settings,
+)
 from pipelines.validate.gates import expectations_gate
-from pipelines.validate.results import StageValidation, _batch_failures, _now_iso, previous_successful_run
+from pipelines.validate.results import (
+    StageValidation,
+    _batch_failures,
+    _now_iso,
+    previous_successful_run,
+)
 from pipelines.validate.tables import ValidationInputError, _read_json, read_spark_table
 
 
 def _find_build(storage: Storage, run_id: str) -> tuple[str, dict[str, Any]]:
     """The newest index build of this run: (warehouse key, its _build.json)."""
     builds = []
-    for name in storage.list_dirs("indexes"):
+    for name in storage.list_dirs(layout.INDEXES_ROOT):
         for snapshot in storage.list_dirs(layout.index_prefix(name)):
             key = f"{layout.snapshot_prefix(name, snapshot)}{BUILD_FILE}"
             build = _read_json(storage, key)
             if build and build.get("source_run_id") == run_id:
                 builds.append((build.get("created_at", ""), key, build))
     if not builds:
-        raise ValidationInputError(f"no index build of run {run_id} under {storage.uri_for('indexes/')} "
+        raise ValidationInputError(f"no index build of run {run_id} under {storage.uri_for(layout.INDEXES_ROOT)} "
                                    f"(indexes/<name>/<snapshot>/{BUILD_FILE}): run build-index first, or "
                                    f"give the shard stats (--index-stats)")
     _, key, build = max(builds, key=lambda b: (b[0], b[1]))

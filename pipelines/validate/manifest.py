@@ -14,13 +14,32 @@ import pyarrow.compute as pc
 from pipelines import layout
 from pipelines.config import Settings, ValidateSettings
 from pipelines.storage import Storage, open_storage
-from pipelines.validate.engine import (_cached_if_worth_it, _columns_to_validate, _finish, _look_up, _new_result,
-                                       _reused_run, _rows_digest, _run, _validation_settings, _with_query_settings)
+from pipelines.validate.engine import (
+    _cached_if_worth_it,
+    _columns_to_validate,
+    _finish,
+    _look_up,
+    _new_result,
+    _reused_run,
+    _rows_digest,
+    _run,
+    _validation_settings,
+    _with_query_settings,
+)
 from pipelines.validate.failing_rows import FailingRows
 from pipelines.validate.gates import expectations_gate, quarantine_rate_gate
-from pipelines.validate.results import StageValidation, _batch_failures, _now_iso, previous_successful_run
-from pipelines.validate.tables import (ValidationInputError, _parquet_column_names, _rows_per_value,
-                                       read_spark_table)
+from pipelines.validate.results import (
+    StageValidation,
+    _batch_failures,
+    _now_iso,
+    previous_successful_run,
+)
+from pipelines.validate.tables import (
+    ValidationInputError,
+    _parquet_column_names,
+    _rows_per_value,
+    read_spark_table,
+)
 from schemas.tables import MANIFEST, QUARANTINE
 
 

@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipelines import layout
+from pipelines.readers import committed_crawl_runs
 from pipelines.storage import Storage
 from pipelines.validate.failing_rows import FailingRows
 from pipelines.validate.gates import GateResult
@@ -95,14 +96,10 @@ def _now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _committed_crawl_runs(storage: Storage) -> list[str]:
-    return [r for r in storage.list_dirs("runs") if storage.exists(layout.crawl_success_key(r))]
-
-
 def previous_successful_run(storage: Storage, run_id: str) -> str | None:
     """Latest run before `run_id` with a committed crawl that no validation stopped
     (a forced run counts as successful: someone decided to publish it)."""
-    for candidate in sorted((r for r in _committed_crawl_runs(storage) if r < run_id), reverse=True):
+    for candidate in sorted((r for r in committed_crawl_runs(storage) if r < run_id), reverse=True):
         reports = [k for k in storage.list(f"{layout.reports_prefix(candidate)}validation/") if k.endswith(".json")]
         if not any((_read_json(storage, k) or {}).get("outcome") == "stopped" for k in reports):
             return candidate

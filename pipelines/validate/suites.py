@@ -39,7 +39,12 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.errors import UsageError
-from pipelines.validate.failing_rows import RowCheck, checked_columns, is_row_level, row_check
+from pipelines.validate.failing_rows import (
+    RowCheck,
+    checked_columns,
+    is_row_level,
+    row_check,
+)
 
 SUITES_DIR = Path(__file__).resolve().parents[2] / "schemas" / "gx"
 PARAMETER = "$PARAMETER"
@@ -108,7 +113,9 @@ def _load_suite_file(path: Path, mtime_ns: int) -> dict[str, Any]:
     # and a stage reads its suite more than once.
     suite = _read_suite_file(path, mtime_ns)
     _import_gx()
-    from great_expectations.expectations.expectation_configuration import ExpectationConfiguration
+    from great_expectations.expectations.expectation_configuration import (
+        ExpectationConfiguration,
+    )
 
     # One by one: ExpectationSuite() logs and drops an expectation it cannot build.
     for config in _gx_suite_kwargs(suite)["expectations"]:
@@ -221,7 +228,9 @@ def _stable_metric_bundles() -> bool:
     keyed by metric id, so the order changes nothing else.
     """
     try:
-        from great_expectations.execution_engine.sparkdf_execution_engine import SparkDFExecutionEngine
+        from great_expectations.execution_engine.sparkdf_execution_engine import (
+            SparkDFExecutionEngine,
+        )
         original = SparkDFExecutionEngine.__dict__["resolve_metric_bundle"]
     except (ImportError, KeyError):
         return False
@@ -363,8 +372,11 @@ def _ephemeral_context(docs_dir: Path | None):
     from another validation can leak in (GX caches metrics per batch id, and a dataframe
     asset's batch id does not change with the dataframe). Creating one takes ~10 ms."""
     import great_expectations as gx
-    from great_expectations.data_context.types.base import (DataContextConfig, InMemoryStoreBackendDefaults,
-                                                            ProgressBarsConfig)
+    from great_expectations.data_context.types.base import (
+        DataContextConfig,
+        InMemoryStoreBackendDefaults,
+        ProgressBarsConfig,
+    )
 
     sites = {_DOCS_SITE: _docs_site_config(docs_dir)} if docs_dir is not None else {}
     return gx.get_context(mode="ephemeral", project_config=DataContextConfig(
@@ -391,8 +403,10 @@ def run_suite(df, suite: dict[str, Any], parameters: dict[str, Any], *, run_name
     _import_gx()
     import great_expectations as gx
     from great_expectations.core.run_identifier import RunIdentifier
-    from great_expectations.data_context.types.resource_identifiers import (ExpectationSuiteIdentifier,
-                                                                            ValidationResultIdentifier)
+    from great_expectations.data_context.types.resource_identifiers import (
+        ExpectationSuiteIdentifier,
+        ValidationResultIdentifier,
+    )
 
     context = _ephemeral_context(docs_dir)
     # persist=False: whether the frame is worth caching is the caller's call (pipelines.validate).
