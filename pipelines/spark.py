@@ -75,6 +75,34 @@ def get_spark(settings: Settings, app_name: str):
     return spark
 
 
+def default_parallelism(spark) -> int:
+    """How many tasks the session runs at once (1 without a session: the local runner)."""
+    return max(1, spark.sparkContext.defaultParallelism) if spark is not None else 1
+
+
+def _task_context():
+    """The running Spark task's context, or None outside a task (or without pyspark)."""
+    try:
+        from pyspark import (
+            TaskContext,  # pyspark: kept out of import time (serving hosts lack it)
+        )
+    except ImportError:
+        return None
+    return TaskContext.get()
+
+
+def task_cpus() -> int | None:
+    """spark.task.cpus inside a Spark task, else None (a local run owns the machine)."""
+    context = _task_context()
+    return max(1, int(context.cpus())) if context is not None else None
+
+
+def task_resources() -> dict | None:
+    """The running task's resources ({"gpu": ResourceInformation(...)}), else None."""
+    context = _task_context()
+    return context.resources() if context is not None else None
+
+
 def gpu_resource_profile(task_gpus: float):
     """A stage-level resource profile asking `task_gpus` GPUs per task, so that only the
     stage that needs GPUs (embed) holds them; the executors must offer GPUs

@@ -42,7 +42,7 @@ from pipelines.storage import Storage, open_storage
 from schemas.tables import IMAGE_STATE, IMAGES, QUARANTINE
 from pipelines.errors import StageRefused
 from schemas.tables import MANIFEST
-from pipelines.spark import run_tasks
+from pipelines.spark import default_parallelism, run_tasks
 
 # Failures that say nothing about the image itself: keep last night's good copy.
 TRANSIENT_REASONS = {"timeout", "connection_error", "dns_error", "http_429", "http_500", "http_502", "http_503",
@@ -258,7 +258,7 @@ def run_crawl(settings: Settings, manifest_uri: str, run_id: str, *, categories:
 
     if runner == "spark" and callable(spark):
         spark = spark()  # started only now: a bad manifest fails in a second, not after Spark's start-up
-    parallelism = spark.sparkContext.defaultParallelism if (runner == "spark" and spark is not None) else 1
+    parallelism = default_parallelism(spark) if runner == "spark" else 1
     n_tasks = plan_task_count(len(worklist), settings.crawl.rows_per_task, parallelism)
     plan = {"manifest_digest": _digest(frame, {"categories": sorted(categories or [])}), "previous_run_id": previous,
             "tasks": n_tasks, "crawl_settings": settings.crawl.model_dump()}

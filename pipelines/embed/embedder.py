@@ -42,6 +42,7 @@ from pipelines.embed.model import (
     model_version,
     pixels_to_input,
 )
+from pipelines.spark import task_cpus
 from schemas.reasons import CORRUPT, DECOMPRESSION_BOMB, NOT_AN_IMAGE, TRUNCATED  # noqa: F401 (re-exported)
 
 EMBEDDING_COLUMNS = ["sha256", "vector"]
@@ -183,14 +184,9 @@ class EmbeddedBatch:
 
 def default_cpu_budget() -> int:
     """Cores this task may use: spark.task.cpus inside a Spark task, else the whole machine."""
-    try:
-        from pyspark import TaskContext
-
-        context = TaskContext.get()
-        if context is not None:
-            return max(1, int(context.cpus()))
-    except Exception:  # pyspark missing or not in a task: a local run owns the machine
-        pass
+    cpus = task_cpus()
+    if cpus is not None:
+        return cpus
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 

@@ -46,9 +46,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from pipelines import layout
+from pipelines.config import HeadSettings  # noqa: F401  (re-exported: the head's public settings)
 from pipelines.embed.loaders import open_embedding_loader, read_labelled_vectors
 from pipelines.embed.stage import spec_from_settings
-from pipelines.config import HeadSettings  # noqa: F401  (re-exported: the head's public settings)
 from pipelines.errors import StageRefused
 from pipelines.readers import read_dedup_images, read_embeddings
 from pipelines.storage import Storage, open_storage

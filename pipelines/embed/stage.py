@@ -36,7 +36,7 @@ from pipelines.readers import (  # noqa: F401
     read_dedup_images,
     read_embeddings,
 )
-from pipelines.spark import run_tasks
+from pipelines.spark import run_tasks, task_resources
 from pipelines.storage import Storage, open_storage
 from schemas.tables import EMBEDDINGS, QUARANTINE
 
@@ -148,15 +148,7 @@ def task_device(resource_name: str = "gpu"):
     # torch: kept out of import time
     from pipelines.embed.model import choose_device
 
-    resources = None
-    try:
-        from pyspark import TaskContext
-
-        context = TaskContext.get()
-        resources = context.resources() if context is not None else None
-    except ImportError:
-        pass
-    return choose_device(resources, resource_name)
+    return choose_device(task_resources(), resource_name)
 
 
 def embed_task(task: EmbedTask) -> dict:

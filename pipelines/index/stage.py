@@ -67,7 +67,7 @@ from pipelines.snapshot import (
     read_latest,
     read_manifest,
 )
-from pipelines.spark import run_tasks
+from pipelines.spark import default_parallelism, run_tasks
 from pipelines.storage import Storage, open_storage
 from schemas.reasons import MISSING_EMBEDDING
 from schemas.tables import QUARANTINE
@@ -327,7 +327,7 @@ def _threads_per_task(spark, build_tasks: int) -> int:
     runner builds one shard at a time with every core."""
     if spark is None:
         return os.cpu_count() or 1
-    return max(1, spark.sparkContext.defaultParallelism // max(1, build_tasks))
+    return max(1, default_parallelism(spark) // max(1, build_tasks))
 
 
 def run_tasks_for_index(tasks: list, runner: str, spark, description: str, fn=None) -> list[dict]:

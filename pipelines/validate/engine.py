@@ -31,6 +31,7 @@ import pyarrow as pa
 from pipelines import layout
 from pipelines.config import Settings, ValidateSettings
 from pipelines.fingerprint import memo_key, table_digest
+from pipelines.spark import default_parallelism
 from pipelines.storage import LocalStorage, Storage
 from pipelines.validate.failing_rows import (
     FailingRows,
@@ -80,7 +81,7 @@ def _query_settings(spark, validation: ValidateSettings):
     wanted = {_AQE: "true" if validation.adaptive_query_execution else "false"}
     if not validation.adaptive_query_execution:
         try:
-            wanted[_SHUFFLE_PARTITIONS] = str(max(1, spark.sparkContext.defaultParallelism))
+            wanted[_SHUFFLE_PARTITIONS] = str(default_parallelism(spark))
         except Exception:  # a Spark Connect session has no SparkContext: keep its setting
             pass
     # Stages validated at the same time (validate_stages) share one setting and one restore:
