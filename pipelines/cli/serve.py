@@ -27,6 +27,7 @@ SERVE_EXAMPLES = """examples:
 
 def add_serve_commands(sub) -> None:
     _add_serve(sub)
+    _add_score(sub)
 
 
 def _add_serve(sub) -> None:
@@ -105,3 +106,53 @@ def cmd_serve(args) -> int:
                   f"checking for new snapshots every {settings.refresh_s:g}s")
     run_server(settings)
     return 0
+
+
+def _add_score(sub) -> None:
+    p = sub.add_parser(
+        "score", help="re-measure recall@10 and search latency of a pulled snapshot on this host",
+        description="For each shard: sample its vectors as queries, compare the index's top-10 at the snapshot's "
+                    "search parameters with exact search over the shard, and time one query at a time (raw FAISS "
+                    "per shard, and end to end across shards with the merge). Prints the figures beside those the "
+                    "build recorded in the manifest. Exit 1 when a shard's recall@10 is under the snapshot's "
+                    "threshold (index.min_recall of its build).", epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--snapshot-dir", required=True, metavar="DIR",
+                   help="a pulled destination (uses its current) or a snapshot directory")
+    p.add_argument("--queries", type=int, default=200, metavar="N", help="query vectors per shard (default 200)")
+    p.add_argument("--json", action="store_true", help="print the scores as one JSON object on stdout")
+    p.set_defaults(func=cmd_score)
+
+
+def cmd_score(args) -> int:
+    from dataclasses import asdict
+
+    # faiss and pyarrow: kept out of the CLI's import time (`--help`)
+    from pipelines.client import SnapshotClient
+    from pipelines.serve.score import score_snapshot
+
+    if args.queries < 1:
+        raise ValueError("--queries must be at least 1")
+    client = SnapshotClient(args.snapshot_dir, verify=None, mmap=True)
+    score = score_snapshot(client.snapshot, args.queries)
+    if args.json:
+        sys.stdout.write(json.dumps({**asdict(score), "passed": score.passed}) + "\n")
+        sys.stdout.flush()
+        return 0 if score.passed else 1
+    table = Table(title=f"snapshot {score.snapshot_id}: recall@10 and latency of one query (ms), measured here "
+                        "vs recorded by the build")
+    for column in ("shard", "index", "vectors", "queries", "recall@10", "build recall", "p50", "p99",
+                   "build p50", "build p99"):
+        table.add_column(column, justify="left" if column in ("shard", "index") else "right")
+    for s in score.shards:
+        built = s.manifest_latency_ms or {}
+        ok = s.recall_at_10 >= score.threshold
+        table.add_row(s.shard_id, s.index_type, f"{s.vectors:,}", str(s.queries),
+                      f"{'' if ok else '[red]'}{s.recall_at_10:.3f}", f"{s.manifest_recall_at_10:.3f}",
+                      f"{s.p50_ms:.3f}", f"{s.p99_ms:.3f}", f"{built.get('p50', float('nan')):.3f}",
+                      f"{built.get('p99', float('nan')):.3f}")
+    console.print(table)
+    console.print(f"end to end (every shard + merge, one query at a time): p50 {score.search_p50_ms:.3f} ms, "
+                  f"p99 {score.search_p99_ms:.3f} ms; threshold recall@10 {score.threshold}: "
+                  + ("[green]passed[/]" if score.passed else "[red]below[/]"))
+    return 0 if score.passed else 1
