@@ -147,8 +147,10 @@ def violations(graph: list[Import]) -> list[str]:
                 problems.append(f"{where}: {src_stage} reads snapshots through pipelines.snapshot, never the build")
         if dst_layer == "cli" and src_layer not in ("cli", "jobs"):
             problems.append(f"{where}: only the CLI and jobs/ import pipelines.cli")
-        if src_layer == "dags" and imp.target not in ("pipelines.config", "pipelines.pipeline", "pipelines.spark"):
-            problems.append(f"{where}: DAGs schedule; they import pipelines.config, .pipeline and .spark only")
+        if src_layer == "dags" and imp.target not in ("pipelines.config", "pipelines.pipeline", "pipelines.spark",
+                                                      "pipelines.layout"):
+            problems.append(f"{where}: DAGs schedule; they import pipelines.config, .pipeline, .spark and .layout "
+                            "(asset URIs) only")
         if src_layer == "jobs" and dst_layer not in ("cli", "orchestration", "foundation"):
             problems.append(f"{where}: a job is thin: args -> the CLI")
         if imp.in_function and not imp.justified:
