@@ -22,11 +22,16 @@ from pathlib import Path
 import pendulum
 from airflow.sdk import DAG, Asset, Param, task
 
+from pipelines.layout import latest_uri
+
 REPO = Path(__file__).resolve().parents[1]
-SNAPSHOT_ASSET = Asset(name="catalog_index_snapshot", uri=f"file://{REPO}/indexes/LATEST")
 SPARK_CONN_ID = os.environ.get("CATALOG_INDEX_SPARK_CONN_ID")
 GPU_POOL = os.environ.get("CATALOG_INDEX_GPU_POOL", "default_pool")
 DEFAULT_WAREHOUSE = os.environ.get("CATALOG_INDEX_WAREHOUSE", (Path.home() / ".catalog-index" / "warehouse").as_uri())
+# The warehouse's LATEST pointer of the index (the default warehouse's: the asset is fixed when the
+# file is parsed). Each publish emits an event whose extra is {"snapshot_id", "manifest_sha256"};
+# dags/catalog_serving_dags.py is scheduled on it.
+SNAPSHOT_ASSET = Asset(name="catalog_index_snapshot", uri=latest_uri(DEFAULT_WAREHOUSE, "catalog"))
 log = logging.getLogger(__name__)
 
 # Stage -> execution timeout in hours.
@@ -78,6 +83,16 @@ def run_stage_in_process(stage: str, params: dict, run_id: str) -> dict:
     return {"stage": stage, "run_id": run_id, "result": str(result)[:2000]}
 
 
+def announce_snapshot(context) -> None:
+    """The publish task's asset event carries the snapshot LATEST now names and its manifest sha256."""
+    # imported by the task, not the DAG file: keeps pandas/pyarrow/boto3 out of its import time
+    from pipelines.config import load_settings
+    from pipelines.pipeline import snapshot_event
+
+    settings = load_settings(**_settings_overrides(context["params"]))
+    context["outlet_events"][SNAPSHOT_ASSET].extra = snapshot_event(settings)
+
+
 # Stage -> the job file it spark-submits, and the validation stages a validate task checks.
 JOBS = {"validate_index": "validate"}
 VALIDATE_STAGES = {"validate": ["manifest", "images"], "validate_index": ["embeddings", "index"]}
@@ -115,6 +130,12 @@ if SPARK_CONN_ID:
             if isinstance(self.application_args, str):
                 self.application_args = json.loads(self.application_args)
 
+        def execute(self, context):
+            result = super().execute(context)
+            if self.task_id == "publish":
+                announce_snapshot(context)
+            return result
+
 
 RUN_ID_TEMPLATE = "params.run_id or ts_nodash ~ 'Z'"
 
@@ -132,7 +153,10 @@ def _stage_task(stage: str, dag_id: str, **kwargs):
     @task(task_id=stage, execution_timeout=timeout, **kwargs)
     def run(**context):
         params = context["params"]
-        return run_stage_in_process(stage, params, params.get("run_id") or context["ts_nodash"] + "Z")
+        result = run_stage_in_process(stage, params, params.get("run_id") or context["ts_nodash"] + "Z")
+        if stage == "publish":
+            announce_snapshot(context)
+        return result
 
     return run()
 

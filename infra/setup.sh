@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Installs what catalog-index needs on a fresh Debian/Ubuntu machine:
-#   Debian packages: a Java runtime (Spark), openclipart-png (the sample catalog)
+#   Debian packages: a Java runtime (Spark), openclipart-png (the sample catalog), chromium (the search
+#   page's browser test: playwright drives the system browser, no browser download)
 #   .venv at the repo root from requirements.txt, and the project itself (editable).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(default-jre-headless openclipart-png)
+APT_PACKAGES=(default-jre-headless openclipart-png chromium)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -1,17 +1,21 @@
 """Serving side: pull the newest good snapshot to local disk, open it once, search it.
 
     pull("s3://search/warehouse", "/srv/catalog-index")      # resolve LATEST, download, verify, swap
-    client = SnapshotClient("/srv/catalog-index")             # opens <dest>/current, loads every shard
+    client = SnapshotClient("/srv/catalog-index", mmap=True)  # opens <dest>/current, maps every shard
     client.search_images(["shoe.jpg"], k=10, category="shoes")
     client.search_vectors(vectors, k=10)
+    client.refresh()                                          # after the next pull: move to the new current
 
 A pulled destination looks like:
 
     <dest>/snapshots/<snapshot_id>/   manifest.json, shards/, idmaps/, model/ (verified copies)
     <dest>/current -> snapshots/<id>  a symlink, replaced atomically (rename) after verification
 
-A process that has a snapshot open keeps searching it while a pull swaps `current`; reopen to
-pick up the new one. Search merges each relevant shard's top hits, maps vectors to products
+A process that has a snapshot open keeps searching it while a pull swaps `current`; `refresh()`
+opens the new one beside it and swaps (searches already running finish on the old one). Opening
+and searching one snapshot directory is `pipelines.search.OpenSnapshot`, immutable once open: the
+search service (`pipelines.serve`) holds two of them during a swap. Shards can be memory-mapped (`mmap=True`); id maps are Arrow columns, never one
+Python object per row. Search merges each relevant shard's top hits, maps vectors to products
 through the id maps and returns each product once, best score first.
 
 This module must never start Spark, never serve a file whose checksum it has not verified on
@@ -22,30 +26,23 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import math
 import os
 import secrets
 import shutil
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 
 from pipelines.config import S3Settings
-from pipelines.errors import UsageError
 from pipelines.layout import snapshot_prefix
-from pipelines.snapshot import (MANIFEST_FILE, MODEL_PCA_PATH, SnapshotVerificationError, apply_search_params,
-                                read_latest, sha256_of_file, validate_manifest)
+from pipelines.search import (VERIFIED_MARKER, Hit, OpenSnapshot, QueryResult, SnapshotError,  # noqa: F401
+                              locally_verified as _locally_verified)
+from pipelines.snapshot import (MANIFEST_FILE, MODEL_PCA_PATH, SnapshotVerificationError, read_latest,
+                                sha256_of_file, validate_manifest)
 from pipelines.storage import StorageError, open_storage, read_uri_bytes
-
-VERIFIED_MARKER = ".verified"
-
-
-class SnapshotError(UsageError):
-    """A snapshot cannot be pulled or opened; the message says what to do."""
-
 
 # ------------------------------------------------------------------------------------------
 # pull
@@ -76,15 +73,6 @@ def _pull_lock(dest: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _locally_verified(directory: Path, manifest_sha256: str | None) -> bool:
-    marker = directory / VERIFIED_MARKER
-    if not marker.is_file() or not (directory / MANIFEST_FILE).is_file():
-        return False
-    if manifest_sha256 is None:
-        return True
-    return sha256_of_file(directory / MANIFEST_FILE)[0] == manifest_sha256
 
 
 def pull(warehouse: str, dest: str | os.PathLike, *, s3: S3Settings | None = None, index_name: str = "catalog",
@@ -176,187 +164,82 @@ def _remove_old_local(snapshots: Path, keep: set, keep_local: int) -> None:
 # search
 # ------------------------------------------------------------------------------------------
 
-@dataclass
-class Hit:
-    product_id: str
-    category: str
-    score: float
-    image_url: str
-    title: str | None = None
-    sha256: str | None = None
-    shard_id: str | None = None
-
-    def to_json(self) -> dict:
-        return {"product_id": self.product_id, "category": self.category, "score": round(float(self.score), 6),
-                "image_url": self.image_url}
-
-
-@dataclass
-class QueryResult:
-    query: str
-    results: list[Hit] = field(default_factory=list)
-    error: str | None = None
-
-    def to_json(self) -> dict:
-        out = {"query": self.query, "results": [hit.to_json() for hit in self.results]}
-        if self.error:
-            out["error"] = self.error
-        return out
-
-
-class _Shard:
-    """One loaded shard: its FAISS index and its id map as column arrays sorted by vector id."""
-
-    def __init__(self, root: Path, entry: dict):
-        import faiss
-        import pyarrow.parquet as pq
-
-        self.entry = entry
-        self.shard_id = entry["shard_id"]
-        self.categories = set(entry["categories"])
-        self.index = faiss.read_index(str(root / entry["files"]["index"]["path"]))
-        self.params = dict(entry.get("search_params") or {})
-        apply_search_params(self.index, self.params)
-        self.kind = entry["index_type"]
-        table = pq.read_table(root / entry["files"]["idmap"]["path"]).sort_by([("vector_id", "ascending")])
-        self.vector_ids = table.column("vector_id").to_numpy()
-        self.columns = {name: np.array(table.column(name).to_pylist(), dtype=object)
-                        for name in ("product_id", "category", "image_url", "title", "sha256")}
-        # rows of vector v are offsets[v]:offsets[v+1]
-        self.offsets = np.searchsorted(self.vector_ids, np.arange(self.index.ntotal + 1))
-        self._category_ids: dict[str, np.ndarray] = {}
-
-    def ids_in_category(self, category: str) -> np.ndarray:
-        if category not in self._category_ids:
-            rows = self.columns["category"] == category
-            self._category_ids[category] = np.unique(self.vector_ids[rows]).astype(np.int64)
-        return self._category_ids[category]
-
-    def search(self, queries: np.ndarray, k: int, category: str | None) -> tuple[np.ndarray, np.ndarray]:
-        import faiss
-
-        k = min(k, self.index.ntotal)
-        if category is None or self.categories == {category}:
-            return self.index.search(queries, k)
-        allowed = self.ids_in_category(category)
-        if len(allowed) == 0:
-            return np.full((len(queries), 0), -np.inf, dtype=np.float32), np.full((len(queries), 0), -1)
-        selector = faiss.IDSelectorBatch(allowed)
-        # A filter keeps a fraction of each probed list: probe proportionally more so that about as
-        # many of the category's vectors are scanned as an unfiltered search scans vectors.
-        widen = max(1.0, self.index.ntotal / len(allowed))
-        if self.kind.startswith("ivf"):
-            params = faiss.SearchParametersIVF()
-            nlist = faiss.extract_index_ivf(self.index).nlist
-            params.nprobe = int(min(nlist, math.ceil(self.params.get("nprobe", 1) * widen)))
-        elif self.kind == "hnsw":
-            params = faiss.SearchParametersHNSW()
-            params.efSearch = int(min(4096, math.ceil(self.params.get("efSearch", 64) * widen)))
-        else:
-            params = faiss.SearchParameters()
-        params.sel = selector
-        return self.index.search(queries, min(k, len(allowed)), params=params)
-
-    def rows_of(self, vector_id: int) -> range:
-        return range(self.offsets[vector_id], self.offsets[vector_id + 1])
-
-
 class SnapshotClient:
-    """A snapshot opened once for many searches: a pull destination (uses `current`) or a snapshot dir.
+    """A snapshot opened once for many searches: a pull destination (follows `current` on
+    `refresh()`) or a snapshot directory.
 
     `verify=True` re-hashes every file on open (a pull already did; use it for hand-copied dirs).
+    `mmap=True` memory-maps the shard files instead of reading them into RAM: opening is nearly
+    free and several processes (or two snapshots during a swap) share the page cache.
     """
 
-    def __init__(self, path: str | os.PathLike, *, verify: bool = False, device: str = "cpu"):
+    def __init__(self, path: str | os.PathLike, *, verify: bool | None = False, device: str = "cpu",
+                 mmap: bool = False):
         path = Path(path).expanduser()
         if (path / MANIFEST_FILE).is_file():
+            self.destination = None
             root = path
         elif (path / "current").exists():
-            root = (path / "current").resolve()  # pinned: a later pull does not move this client
+            self.destination = path
+            root = (path / "current").resolve()  # pinned: a later pull moves it only through refresh()
         else:
             raise SnapshotError(f"{path} holds no manifest.json and no 'current' snapshot: pass a pulled "
                                 "destination or a snapshot directory (catalog-index pull --warehouse W --dest DIR)")
-        self.root = root
         self.device = device
-        self.manifest = validate_manifest(json.loads((root / MANIFEST_FILE).read_text()), str(root / MANIFEST_FILE))
-        self._check_files(verify)
-        self.shards = [_Shard(root, entry) for entry in self.manifest["shards"]]
-        self.dimension = int(self.manifest["dimension"])
+        self.verify = verify
+        self.mmap = mmap
+        self.snapshot = OpenSnapshot(root, verify=verify, mmap=mmap)
+
+    def refresh(self) -> bool:
+        """Open the snapshot `current` now names, if it changed; True when this client moved to it.
+        Searches already running finish on the snapshot they started with. A snapshot that fails
+        to open raises, and the client keeps the one it had."""
+        if self.destination is None:
+            return False
+        root = (self.destination / "current").resolve()
+        if root == self.snapshot.root:
+            return False
+        self.snapshot = OpenSnapshot(root, verify=self.verify, mmap=self.mmap)
+        return True
+
+    @property
+    def root(self) -> Path:
+        return self.snapshot.root
+
+    @property
+    def manifest(self) -> dict:
+        return self.snapshot.manifest
+
+    @property
+    def shards(self) -> list:
+        return self.snapshot.shards
+
+    @property
+    def dimension(self) -> int:
+        return self.snapshot.dimension
 
     @property
     def snapshot_id(self) -> str:
-        return self.manifest["snapshot_id"]
+        return self.snapshot.snapshot_id
 
     @property
     def categories(self) -> list[str]:
-        return sorted({c for shard in self.shards for c in shard.categories})
-
-    def _check_files(self, verify: bool) -> None:
-        bad = []
-        for record in self.manifest["files"]:
-            local = self.root / record["path"]
-            if not local.is_file():
-                bad.append(f"{record['path']} (missing)")
-            elif local.stat().st_size != record["bytes"]:
-                bad.append(f"{record['path']} ({local.stat().st_size} bytes, manifest says {record['bytes']})")
-            elif verify and sha256_of_file(local)[0] != record["sha256"]:
-                bad.append(f"{record['path']} (sha256 differs from the manifest)")
-        if bad:
-            raise SnapshotVerificationError(f"snapshot {self.root} is damaged: {'; '.join(bad)}; pull it again", bad)
-
-    # -- vectors ---------------------------------------------------------------------------
+        return self.snapshot.categories
 
     def search_vectors(self, queries: np.ndarray, k: int = 10, category: str | None = None) -> list[list[Hit]]:
         """Top-k products per query vector, each product once (its best-scoring image), best first."""
-        queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
-        if queries.shape[1] != self.dimension:
-            raise SnapshotError(f"query vectors have dimension {queries.shape[1]}, snapshot {self.snapshot_id} "
-                                f"holds {self.dimension}: embed with model {self.manifest['model']['version']}")
-        norms = np.linalg.norm(queries, axis=1, keepdims=True)
-        queries = np.ascontiguousarray(queries / np.maximum(norms, 1e-12))  # scores are cosine similarities
-        shards = [s for s in self.shards if category is None or category in s.categories]
-        results: list[list[Hit]] = [[] for _ in range(len(queries))]
-        if not shards or k <= 0:
-            return results
-        pending = np.arange(len(queries))
-        fetch = 2 * k
-        while len(pending):
-            best: list[dict[str, Hit]] = [{} for _ in pending]
-            exhausted = True
-            for shard in shards:
-                scores, ids = shard.search(queries[pending], fetch, category)
-                if ids.shape[1] >= fetch and fetch < shard.index.ntotal:
-                    exhausted = False
-                for row in range(len(pending)):
-                    for score, vector_id in zip(scores[row], ids[row]):
-                        if vector_id < 0:
-                            continue
-                        for r in shard.rows_of(int(vector_id)):
-                            if category is not None and shard.columns["category"][r] != category:
-                                continue
-                            product = shard.columns["product_id"][r]
-                            if product not in best[row] or best[row][product].score < score:
-                                best[row][product] = Hit(product, shard.columns["category"][r], float(score),
-                                                         shard.columns["image_url"][r], shard.columns["title"][r],
-                                                         shard.columns["sha256"][r], shard.shard_id)
-            still_short = []
-            for row, query_index in enumerate(pending):
-                ranked = sorted(best[row].values(), key=lambda hit: (-hit.score, hit.product_id))
-                results[query_index] = ranked[:k]
-                if len(ranked) < k and not exhausted:
-                    still_short.append(query_index)  # one product had several images: fetch deeper
-            pending = np.array(still_short, dtype=np.int64)
-            fetch *= 4
-        return results
+        return self.snapshot.search_vectors(queries, k, category)
 
     # -- images ----------------------------------------------------------------------------
 
     def search_images(self, paths_or_urls: Sequence[str], k: int = 10, category: str | None = None) -> list[QueryResult]:
         """Embed each image with the snapshot's model version, then `search_vectors`. A query image
         that cannot be read or decoded gets an `error` and no results; the others go on."""
-        vectors, errors = embed_query_images(list(paths_or_urls), self.manifest["model"], self.root, self.device)
+        snapshot = self.snapshot  # one snapshot for the whole call, whatever refresh() does meanwhile
+        vectors, errors = embed_query_images(list(paths_or_urls), snapshot.manifest["model"], snapshot.root,
+                                             self.device)
         ok = [i for i in range(len(paths_or_urls)) if i not in errors]
-        hits = self.search_vectors(vectors, k, category) if ok else []
+        hits = snapshot.search_vectors(vectors, k, category) if ok else []
         out = [QueryResult(str(query), error=errors.get(i)) for i, query in enumerate(paths_or_urls)]
         for i, result in zip(ok, hits):
             out[i].results = result

@@ -170,6 +170,11 @@ def latest_key(name: str) -> str:
     return f"indexes/{name}/LATEST"
 
 
+def latest_uri(warehouse: str, name: str) -> str:
+    """The full URI of an index's LATEST pointer (the Airflow asset a publish updates)."""
+    return f"{warehouse.rstrip('/')}/{latest_key(name)}"
+
+
 def build_staging_prefix(snapshot_prefix_: str) -> str:
     """Scratch files of a build in progress (members, routed vectors), deleted when it ends."""
     return f"{snapshot_prefix_}_staging/"

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from pipelines.client import pull
 from pipelines.config import Settings
 from pipelines.crawl import run_crawl
 from pipelines.dedup import run_dedup
@@ -23,6 +24,8 @@ from pipelines.errors import StageRefused, UsageError
 from pipelines.index import build_index, index_settings_from
 from pipelines.publish import publish_snapshot
 from pipelines.report import build_report, search_samples_or_note, snapshot_summary
+from pipelines.search import OpenSnapshot
+from pipelines.snapshot import SnapshotVerificationError, read_latest
 from pipelines.storage import open_storage
 from pipelines.validate import validate_stages
 
@@ -153,3 +156,37 @@ def run_pipeline(ctx: RunContext, stages: list[str] | None = None,
     if stopped is not None:
         raise stopped
     return report
+
+
+# ------------------------------------------------------------------------------------------
+# the snapshot asset (Airflow): what a publish announces, what a serving host does with it
+# ------------------------------------------------------------------------------------------
+
+def snapshot_event(settings: Settings, index_name: str = "catalog") -> dict:
+    """{"snapshot_id", "manifest_sha256"} of the snapshot LATEST names now: the extra of the asset
+    event a publish emits, so that consumers can check what they pull against what was announced."""
+    pointer = read_latest(open_storage(settings.warehouse, settings.s3), index_name)
+    if pointer is None:
+        raise UsageError(f"index {index_name!r} in {settings.warehouse} has no LATEST: nothing was published")
+    return {"snapshot_id": pointer["snapshot_id"], "manifest_sha256": pointer.get("manifest_sha256")}
+
+
+def pull_announced_snapshot(settings: Settings, dest: str, announced: dict | None,
+                            index_name: str = "catalog") -> dict:
+    """A serving host's answer to a snapshot event: pull LATEST into `dest` (every file's sha256
+    verified, `current` swapped atomically), re-hash the local copy, and check it against the
+    announced snapshot. LATEST may have moved on since the event (a newer publish, a rollback): the
+    pull then serves what LATEST names now and says so; a snapshot with the announced id but another
+    manifest is refused."""
+    pulled = pull(settings.warehouse, dest, s3=settings.s3, index_name=index_name)
+    opened = OpenSnapshot(pulled.path, verify=True)
+    summary = {"snapshot_id": pulled.snapshot_id, "changed": pulled.changed, "previous": pulled.previous,
+               "manifest_sha256": opened.manifest_sha256, "announced": announced,
+               "vectors": opened.manifest["totals"]["vectors"]}
+    if announced and announced.get("snapshot_id") == pulled.snapshot_id and announced.get("manifest_sha256") \
+            and announced["manifest_sha256"] != opened.manifest_sha256:
+        raise SnapshotVerificationError(f"snapshot {pulled.snapshot_id} was announced with manifest sha256 "
+                                        f"{announced['manifest_sha256'][:12]}…, the pulled one has "
+                                        f"{opened.manifest_sha256[:12]}…: do not serve it", ["manifest.json"])
+    summary["superseded"] = bool(announced) and announced.get("snapshot_id") != pulled.snapshot_id
+    return summary

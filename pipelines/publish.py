@@ -73,7 +73,8 @@ def make_manifest(build: dict, previous_snapshot: str | None, min_recall: float)
             "shard_id", "categories", "index_type", "faiss_factory", "search_params", "vectors", "products",
             "idmap_rows", "recall_at_10", "recall_queries", "estimated_memory_bytes", "files")}
             | {"reused_from": shard.get("reused_from"), "build_seconds": shard.get("build_seconds"),
-               "device": shard.get("device"), "members_sha256": shard.get("members_sha256")})
+               "device": shard.get("device"), "members_sha256": shard.get("members_sha256")}
+            | ({"search_latency_ms": shard["search_latency_ms"]} if shard.get("search_latency_ms") else {}))
     recalls = [s["recall_at_10"] for s in shards]
     files = snapshot_files(build)
     prefix = snapshot_prefix(build["index_name"], build["snapshot_id"])

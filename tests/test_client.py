@@ -27,8 +27,12 @@ CFG = IndexSettings(max_vectors_per_shard=400, flat_max_vectors=200, recall_quer
 OPENCLIPART = Path("/usr/share/openclipart/png")
 
 
-def publish_new(settings, storage, run_id="r1", keep=5):
-    built = build_index(settings, run_id, model=MODEL, cfg=CFG, runner="local")
+# Shards of three kinds (Flat, HNSW, IVF) from the same small catalog.
+MIXED_CFG = IndexSettings(max_vectors_per_shard=370, flat_max_vectors=120, hnsw_max_vectors=340, recall_queries=40)
+
+
+def publish_new(settings, storage, run_id="r1", keep=5, cfg=CFG):
+    built = build_index(settings, run_id, model=MODEL, cfg=cfg, runner="local")
     return publish_snapshot(storage, "catalog", snapshot_id=built.snapshot_id, keep_snapshots=keep)
 
 
@@ -230,3 +234,87 @@ def test_search_cli_embeds_query_images_and_prints_json_lines(tmp_path, capsys):
     assert lines[0]["results"][0]["product_id"] == "p7"
     assert {r["category"] for r in lines[0]["results"]} == {"transportation"}
     assert lines[1]["results"] == [] and "not_an_image" in lines[1]["error"]
+
+
+# -- memory-mapped opening, Arrow id maps, refresh --------------------------------------------
+
+def test_mmap_client_gives_the_same_results_and_keeps_no_python_object_per_row(local_warehouse, tmp_path):
+    import pyarrow as pa
+
+    settings, storage, vectors = local_warehouse
+    publish_new(settings, storage, cfg=MIXED_CFG)
+    pull(settings.warehouse, tmp_path / "serving")
+    in_ram, mapped = SnapshotClient(tmp_path / "serving"), SnapshotClient(tmp_path / "serving", mmap=True)
+    kinds = {s.kind for s in mapped.shards}
+    assert len(kinds) >= 2 and any(kind.startswith("ivf") for kind in kinds), kinds
+    for shard in mapped.shards:
+        assert shard.mmapped and shard.index.ntotal == shard.entry["vectors"]
+        assert all(isinstance(column, pa.Array) for column in shard.columns.values())
+        assert shard.vector_ids.dtype == np.int64 and shard.category_codes.dtype == np.int32
+    rng = np.random.default_rng(7)
+    shas = sorted(vectors)
+    queries = np.stack([vectors[shas[i]] for i in rng.choice(len(shas), 12, replace=False)])
+    queries[6:] += rng.standard_normal((6, queries.shape[1])).astype(np.float32) * 0.3  # off-catalog queries too
+    for category in (None, "food", "toys"):
+        expected = in_ram.search_vectors(queries, k=7, category=category)
+        got = mapped.search_vectors(queries, k=7, category=category)
+        assert [[(h.product_id, h.category, h.image_url, round(h.score, 5)) for h in hits] for hits in got] == \
+               [[(h.product_id, h.category, h.image_url, round(h.score, 5)) for h in hits] for hits in expected]
+        for hits in got:
+            assert len(hits) == 7 and len({h.product_id for h in hits}) == 7
+            assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+            assert category is None or {h.category for h in hits} == {category}
+    # Each indexed image is its own best match: its product (or one sharing its picture) comes first.
+    dedup = storage.read_table("dedup/r1/images.parquet").to_pylist()
+    owners: dict[str, set] = {}
+    for row in dedup:
+        owners.setdefault(row["sha256"], set()).add(row["product_id"])
+    for sha in shas[:40]:
+        top = mapped.search_vectors(vectors[sha], k=3)[0][0]
+        assert top.product_id in owners[sha] and top.score == pytest.approx(1.0, abs=1e-4)
+
+
+def test_similar_products_come_from_the_stored_vector_and_leave_the_product_out(local_warehouse, tmp_path):
+    settings, storage, vectors = local_warehouse
+    publish_new(settings, storage, cfg=MIXED_CFG)
+    pull(settings.warehouse, tmp_path / "serving")
+    client = SnapshotClient(tmp_path / "serving", mmap=True)
+    dedup = storage.read_table("dedup/r1/images.parquet").to_pylist()
+    for row in dedup[::97]:  # every shard kind: flat, IVF, ...
+        similar = client.snapshot.similar_products(row["product_id"], k=5)
+        assert len(similar) == 5 and row["product_id"] not in {h.product_id for h in similar}
+        expected = [h for h in client.search_vectors(vectors[row["sha256"]], k=6)[0]
+                    if h.product_id != row["product_id"]][:5]
+        assert [h.product_id for h in similar] == [h.product_id for h in expected]
+    assert client.snapshot.similar_products("no-such-product") is None
+
+
+def test_refresh_follows_current_and_refuses_a_damaged_snapshot(local_warehouse, tmp_path):
+    settings, storage, vectors = local_warehouse
+    first = publish_new(settings, storage)
+    dest = tmp_path / "serving"
+    pull(settings.warehouse, dest)
+    client = SnapshotClient(dest, mmap=True, verify=None)
+    assert client.refresh() is False and client.snapshot_id == first.snapshot_id
+    old = client.snapshot
+    query = vectors[sorted(vectors)[3]]
+    before = old.search_vectors(query, k=5)
+
+    second = publish_new(settings, storage)
+    pull(settings.warehouse, dest)
+    assert client.refresh() is True and client.snapshot_id == second.snapshot_id
+    assert [h.product_id for h in old.search_vectors(query, k=5)[0]] == [h.product_id for h in before[0]]
+
+    third = publish_new(settings, storage)
+    pull(settings.warehouse, dest)
+    damaged = dest / "snapshots" / third.snapshot_id / third.manifest["shards"][0]["files"]["index"]["path"]
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2] ^= 0xFF                                  # same size: only a hash notices
+    damaged.write_bytes(bytes(data))
+    (dest / "snapshots" / third.snapshot_id / ".verified").unlink()  # not what pull verified any more
+    with pytest.raises(SnapshotVerificationError, match="sha256"):
+        client.refresh()
+    assert client.snapshot_id == second.snapshot_id and client.search_vectors(query, k=5)[0]
+    damaged.write_bytes(bytes(data[:-1]))                           # a short file fails even with verify=False
+    with pytest.raises(SnapshotVerificationError, match="bytes"):
+        SnapshotClient(dest, mmap=True)

@@ -5,7 +5,8 @@ The rules are those of ARCHITECTURE.md:
 * the foundation imports no stage package and no orchestration module;
 * a stage package imports the foundation, its own modules, and upstream stages through their
   public `__init__` only (crawl -> dedup -> validate -> embed -> index);
-* publish.py and client.py read snapshots through snapshot.py, never through the index build;
+* publish.py, client.py and the serve/ package read snapshots through snapshot.py, never through
+  the index build;
 * nothing but `pipelines/cli/` (and `jobs/`) imports the CLI; nothing in `pipelines/` imports
   Airflow; DAGs import only the orchestration entry points;
 * no import cycle;
@@ -29,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 FOUNDATION = {"config", "layout", "storage", "spark", "progress", "readers", "fingerprint", "snapshot", "errors",
               "decode"}
 STAGES = ["crawl", "dedup", "validate", "embed", "index"]  # pipeline order: each may use the ones before it
-ORCHESTRATION = {"pipeline", "publish", "client", "report", "sample_catalog"}
+ORCHESTRATION = {"pipeline", "publish", "client", "search", "report", "sample_catalog", "serve"}
 HEAVY = ("torch", "faiss", "great_expectations", "pyspark", "petastorm", "scipy", "timm", "torchvision")
 # Top-level folders of the warehouse: a key starting with one of these belongs in layout.py.
 WAREHOUSE_FOLDERS = ("runs/", "images/", "quarantine/", "dedup/", "embeddings/", "indexes/", "reports/", "models/")
@@ -142,12 +143,14 @@ def violations(graph: list[Import]) -> list[str]:
                 problems.append(f"{where}: orchestration never imports the CLI")
             if dst_layer == "stage" and imp.target != f"pipelines.{dst_stage}":
                 problems.append(f"{where}: import the stage's public package `pipelines.{dst_stage}`")
-            if src_stage in ("publish", "client") and dst_stage == "index":
+            if src_stage in ("publish", "client", "search", "serve") and dst_stage == "index":
                 problems.append(f"{where}: {src_stage} reads snapshots through pipelines.snapshot, never the build")
         if dst_layer == "cli" and src_layer not in ("cli", "jobs"):
             problems.append(f"{where}: only the CLI and jobs/ import pipelines.cli")
-        if src_layer == "dags" and imp.target not in ("pipelines.config", "pipelines.pipeline", "pipelines.spark"):
-            problems.append(f"{where}: DAGs schedule; they import pipelines.config, .pipeline and .spark only")
+        if src_layer == "dags" and imp.target not in ("pipelines.config", "pipelines.pipeline", "pipelines.spark",
+                                                      "pipelines.layout"):
+            problems.append(f"{where}: DAGs schedule; they import pipelines.config, .pipeline, .spark and .layout "
+                            "(asset URIs) only")
         if src_layer == "jobs" and dst_layer not in ("cli", "orchestration", "foundation"):
             problems.append(f"{where}: a job is thin: args -> the CLI")
         if imp.in_function and not imp.justified:

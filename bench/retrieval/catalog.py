@@ -43,8 +43,8 @@ def load_catalog(warehouse: str, dest: Path, index_name: str = "catalog") -> Cat
     client = SnapshotClient(dest)
     source_run = client.manifest["source_run_id"]
 
-    idmap = pd.concat([pd.DataFrame({"sha256": shard.columns["sha256"], "product_id": shard.columns["product_id"],
-                                     "category": shard.columns["category"]}) for shard in client.shards],
+    idmap = pd.concat([pd.DataFrame({name: shard.columns[name].to_pylist() for name in ("sha256", "product_id", "category")})
+                       for shard in client.shards],
                       ignore_index=True)
     products_of_vector = idmap.groupby("sha256")["product_id"].apply(lambda s: sorted(set(s))).to_dict()
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipelines.cli import crawl, dedup, embed, head, index, run, sample, validate
+from pipelines.cli import crawl, dedup, embed, head, index, run, sample, serve, validate
 from pipelines.cli.common import EPILOG
 from pipelines.errors import CatalogIndexError
 from pipelines.progress import console
@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_sample_commands(sub)
     index.add_index_commands(sub)
     head.add_head_commands(sub)
+    serve.add_serve_commands(sub)
     return parser
 
 

@@ -133,11 +133,13 @@ def _to_rgb(image: Image.Image, background: tuple[int, int, int]) -> Image.Image
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def decode_for_model(data: bytes, preprocessing: Preprocessing) -> np.ndarray:
+def decode_for_model(data: bytes, preprocessing: Preprocessing, max_pixels: int | None = None) -> np.ndarray:
     """Image bytes -> (crop, crop, 3) uint8 RGB, exactly as the model expects it.
 
     JPEGs are decoded at reduced size in the DCT domain (`draft`), never below the
     resize target. Raises ImageDecodeError with a reason code; nothing else escapes.
+    `max_pixels`: images whose header declares more are a decompression_bomb (the crawl
+    checked stored images already; the search service passes its limit for uploads).
     """
     def draft(width: int, height: int):
         if not preprocessing.jpeg_draft:
@@ -147,7 +149,8 @@ def decode_for_model(data: bytes, preprocessing: Preprocessing) -> np.ndarray:
         return "RGB", (int(np.ceil(width * factor)), int(np.ceil(height * factor)))
 
     header_size: list[int] = []
-    image = open_image(data, max_pixels=None, draft=draft, check=lambda opened: header_size.extend(opened.size))
+    image = open_image(data, max_pixels=max_pixels, draft=draft,
+                       check=lambda opened: header_size.extend(opened.size))
     width, height = header_size
     try:
         with warnings.catch_warnings():

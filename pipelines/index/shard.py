@@ -1,6 +1,7 @@
 """One shard's FAISS index: train (IVF, on a sample), add every vector (on a GPU when faiss-gpu
 sees one), tune nprobe (HNSW: efSearch) on held-out vectors to `target_recall`, and measure
-recall@10 against exact search on other held-out vectors.
+recall@10 against exact search on other held-out vectors, and the latency of one query at a
+time (p50/p99) at the tuned parameters on the same vectors.
 
 `build_shard` is a plain function over any `VectorSource`: tests and the benchmark call it
 directly, `pipelines.index.tasks.run_shard_task` wraps it in a Spark task. This module must never
@@ -39,6 +40,27 @@ class ShardBuild:
     recall_queries: int
     build_seconds: float
     device: str
+    search_latency_ms: dict[str, float] | None = None
+
+
+LATENCY_WARMUP = 5  # queries run before timing: first touches of the index's pages are not search time
+
+
+def measure_latency(index, queries: np.ndarray, k: int = RECALL_K) -> dict[str, float]:
+    """p50/p99 in ms of one query at a time, at the parameters already applied to `index`: what
+    a search service pays per request (a batch search would hide it)."""
+    import faiss  # here, not at module top: keeps faiss out of import time
+
+    for query in queries[:LATENCY_WARMUP]:
+        index.search(query[None, :], k)
+    timings = []
+    for query in queries:
+        started = time.perf_counter()
+        index.search(query[None, :], k)
+        timings.append((time.perf_counter() - started) * 1000)
+    p50, p99 = np.percentile(timings, [50, 99]) if timings else (0.0, 0.0)
+    return {"p50": round(float(p50), 4), "p99": round(float(p99), 4), "queries": len(timings),
+            "threads": int(faiss.omp_get_max_threads())}
 
 
 def _search_with(index, queries: np.ndarray, k: int, params: dict[str, int]) -> np.ndarray:
@@ -160,6 +182,8 @@ def build_shard(source: VectorSource, cfg: IndexSettings, choice: IndexChoice | 
                 break
     approx = _search_with(index, check_queries, k, params) if params else index.search(check_queries, k)[1]
     recall = recall_at_k(approx, check_exact, check_ids, RECALL_K)
+    latency = measure_latency(index, check_queries)  # at the tuned parameters, like the recall above
     return ShardBuild(index=index, choice=choice, search_params=params, recall_at_10=round(recall, 4),
                       tuning=tuning, train_vectors=train_size, recall_queries=len(check_ids),
-                      build_seconds=round(time.perf_counter() - started, 2), device=device)
+                      build_seconds=round(time.perf_counter() - started, 2), device=device,
+                      search_latency_ms=latency)

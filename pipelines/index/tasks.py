@@ -179,6 +179,7 @@ def run_shard_task(task: ShardTask | CopyTask) -> dict:
             "idmap_rows": idmap.num_rows,
             "recall_at_10": built.recall_at_10,
             "recall_queries": built.recall_queries,
+            "search_latency_ms": built.search_latency_ms,
             "tuning": built.tuning,
             "train_vectors": built.train_vectors,
             "estimated_memory_bytes": built.choice.estimated_bytes,
