@@ -8,8 +8,8 @@ Used by the crawl's Fetcher (pipelines.crawl.fetch) and by storage.read_uri_byte
   address and checks the socket's peer again, before a byte is sent. URL spellings that
   two parsers read differently, redirect hops and DNS answers that change between lookups
   (rebinding) cannot reach a refused address: there is no earlier lookup to differ from.
-* **A wall-clock deadline per attempt** (`Deadline`): connect and TLS handshake get at most
-  the time left; while the request and the response are on the wire a watchdog thread
+* **A wall-clock deadline per attempt** (`Deadline`): name lookup, connect and TLS handshake
+  get at most the time left; while the request and the response are on the wire a watchdog thread
   shuts the socket down when the time is up, however slowly the server trickles bytes
   (a per-read timeout only bounds the silence between two reads, not their sum).
 * **Bounded bodies** (`read_body`): the byte cap applies to decoded bytes as they stream
@@ -32,6 +32,8 @@ import socket
 import ssl
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
@@ -301,6 +303,43 @@ class _Watchdog:
 _WATCHDOG = _Watchdog()
 
 
+class _Lookups:
+    """Name lookups on a small thread pool, so that a slow DNS server costs an attempt no
+    more than its deadline (getaddrinfo itself cannot be interrupted; a lookup that outlives
+    its deadline finishes in the background, within the resolver's own timeouts)."""
+
+    def __init__(self):
+        self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def checked_addresses(self, policy: AddressPolicy, host: str, deadline: Deadline | None) -> list[str]:
+        if deadline is None or ip_literal(host) is not None:
+            return policy.checked_addresses(host)
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="http-dns")
+            future = self._pool.submit(policy.checked_addresses, host)
+        try:
+            return future.result(timeout=max(0.0, deadline.remaining()))
+        except FutureTimeout:
+            raise deadline.failure(f"resolving {short(host, 80)}") from None
+
+    def reset(self) -> None:  # in a forked child: the pool's threads did not survive the fork
+        self._pool, self._lock = None, threading.Lock()
+
+
+_LOOKUPS = _Lookups()
+
+
+def _after_fork_in_child() -> None:
+    _WATCHDOG.lock = threading.Condition()  # the parent's watchdog may have held it at fork time
+    _WATCHDOG._pid = None
+    _LOOKUPS.reset()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 # ---------------------------------------------------------------------------------------
 # connections that check their peer
 # ---------------------------------------------------------------------------------------
@@ -316,7 +355,7 @@ class _GuardedConnectionMixin:
         timeout = self.timeout if isinstance(self.timeout, (int, float)) else None
         timeout = deadline.clamp(timeout) if deadline else timeout
         try:
-            addresses = self.policy.checked_addresses(self._dns_host)
+            addresses = _LOOKUPS.checked_addresses(self.policy, self._dns_host, deadline)
         except (socket.gaierror, UnicodeError) as exc:
             raise NameResolutionError(self.host, self, exc) from exc
         last: OSError | None = None

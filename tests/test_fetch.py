@@ -145,6 +145,38 @@ def test_deadline_bounds_a_server_that_never_finishes(fault_server, path):
     assert fault_server.received("/" + path) == 1
 
 
+def test_deadline_bounds_a_slow_name_lookup():
+    def slow_dns(host):
+        time.sleep(4)
+        return ["127.0.0.1"]
+
+    s = settings(total_timeout_s=1.0)
+    f = Fetcher(s, policy=UrlPolicy(allow_private_hosts=True, resolver=slow_dns))
+    result, elapsed = timed(f, "http://slow-dns.test/a.png")
+    assert (result.outcome, result.reason) == ("failed", "timeout") and "resolving" in result.detail
+    assert elapsed <= s.total_timeout_s + MARGIN_S
+
+
+def _fetch_in_child(url, queue):
+    started = time.monotonic()
+    result = Fetcher(settings(total_timeout_s=1.0)).fetch(url)
+    queue.put((result.reason, time.monotonic() - started))
+
+
+def test_deadline_holds_in_a_forked_worker(fault_server):
+    # Spark forks Python workers: the watchdog thread of the parent does not exist in the child.
+    import multiprocessing
+
+    assert fetcher().fetch(fault_server.put("a.png", make_png())).outcome == "ok"  # parent's watchdog runs
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_fetch_in_child, args=(fault_server.url("trickle-body"), queue))
+    child.start()
+    reason, elapsed = queue.get(timeout=30)
+    child.join(10)
+    assert reason == "timeout" and elapsed <= 1.0 + MARGIN_S
+
+
 def test_retried_timeouts_stay_within_the_documented_bound(fault_server):
     s = settings(total_timeout_s=1.0, retries=2, retry_timeouts=True)
     result, elapsed = timed(Fetcher(s), fault_server.url("trickle-body"))
