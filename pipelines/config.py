@@ -73,6 +73,9 @@ class CrawlSettings(_Section):
         default_factory=lambda: ["JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF"],
         description="Image formats (detected from magic bytes) that are kept.")
     concurrency: int = Field(16, ge=1, description="Concurrent fetches per Spark task.")
+    slow_fetch_s: float = Field(
+        5.0, gt=0, description="A fetch running longer than this stops counting against concurrency (up to "
+                               "concurrency such fetches more per task): slow servers cannot take a task's threads.")
     per_host_concurrency: int = Field(8, ge=1, description="Concurrent fetches to one host:port per Spark task.")
     rows_per_task: int = Field(1000, ge=1, description="Manifest rows handled by one Spark task.")
     max_redirects: int = Field(5, ge=0)

@@ -192,12 +192,14 @@ class Deadline:
 
     _local = threading.local()
 
-    def __init__(self, seconds: float):
+    def __init__(self, seconds: float, on_expire: Callable[[], None] | None = None):
+        """`on_expire`: also called when the time is up (on the watchdog thread: keep it short)."""
         self.seconds = seconds
         self.expires_at = time.monotonic() + seconds
         self.expired = False
         self._done = False
         self._sockets: list[socket.socket] = []
+        self._on_expire = on_expire
         _WATCHDOG.watch(self)
 
     @classmethod
@@ -260,6 +262,11 @@ class Deadline:
         for sock in self._sockets:
             _shutdown(sock)
         self._sockets.clear()
+        if self._on_expire is not None:
+            try:
+                self._on_expire()
+            except Exception:  # noqa: BLE001 - the watchdog thread must outlive any callback
+                pass
 
 
 def _shutdown(sock: socket.socket) -> None:

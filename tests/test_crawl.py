@@ -309,3 +309,34 @@ def test_a_bug_on_one_row_quarantines_that_row_not_the_task(fault_server, tmp_pa
     assert (summary.fetched, summary.quarantine_reasons) == (1, {"internal_error": 1})
     quarantine = open_storage((tmp_path / "wh").as_uri()).read_table(layout.quarantine_prefix("r1", "crawl"))
     assert "ZeroDivisionError: unexpected" in quarantine.to_pandas().set_index("product_id").loc["p2", "detail"]
+
+
+def test_trickling_servers_do_not_take_the_good_rows_threads(fault_server):
+    """Two fetch slots, three rows that trickle until their deadline: the good rows behind them
+    start once the slow ones pass crawl.slow_fetch_s, not when their deadline ends."""
+    import time
+
+    from pipelines.config import CrawlSettings
+    from pipelines.crawl.fetch import Fetcher
+    from pipelines.crawl.stage import crawl_rows
+
+    settings = CrawlSettings(allow_private_hosts=True, concurrency=2, slow_fetch_s=0.3, total_timeout_s=3,
+                             read_timeout_s=2, retries=0)
+    slow = [{"row_index": i, "product_id": f"s{i}", "category": "food", "image_url": fault_server.url("trickle-body")}
+            for i in range(3)]
+    good = [{"row_index": 10 + i, "product_id": f"g{i}", "category": "food",
+             "image_url": fault_server.put(f"g{i}.png", make_png(pattern=i))} for i in range(8)]
+    fetcher = Fetcher(settings)
+    started = time.monotonic()
+    outcomes = crawl_rows(slow + good, fetcher, settings, "r1")
+    elapsed = time.monotonic() - started
+    fetcher.close()
+    assert [kind for kind, _ in outcomes] == ["quarantined"] * 3 + ["fetched"] * 8
+    assert [record["product_id"] for _, record in outcomes] == [r["product_id"] for r in slow + good]  # in order
+    assert {record["reason"] for kind, record in outcomes if kind == "quarantined"} == {"timeout"}
+    last_good_start = max(record["checked_at"] for kind, record in outcomes if kind == "fetched")
+    first_start = min(record.get("checked_at") or record["at"] for _, record in outcomes)
+    # The 3rd slow row waits for a slot (0.3 s), then the good rows go; not after the 3 s deadlines.
+    assert (last_good_start - first_start).total_seconds() < 1.5
+    assert elapsed <= settings.total_timeout_s + 0.3 + 1.5
+    assert fault_server.max_concurrency <= 2 * settings.concurrency  # slow rows are capped too

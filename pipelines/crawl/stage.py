@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -36,7 +37,7 @@ from pipelines.config import CrawlSettings, S3Settings, Settings
 from pipelines.crawl.fetch import Fetcher
 from pipelines.crawl.image_check import ImageRejected, inspect_image
 from pipelines.crawl.manifest import read_manifest, split_manifest_rows
-from pipelines.guarded_http import short
+from pipelines.guarded_http import Deadline, short
 from pipelines.readers import (LIVE_STATUSES, committed_crawl_runs, previous_crawl_run,  # noqa: F401
                                read_crawl_state, read_current_images)
 from pipelines.storage import Storage, open_storage
@@ -164,6 +165,32 @@ def _crawl_row(row: dict, fetcher: Fetcher, settings: CrawlSettings) -> tuple[st
                            "http_status": result.http_status, "at": started}
 
 
+def crawl_rows(rows: list[dict], fetcher: Fetcher, settings: CrawlSettings, run_id: str) -> list[tuple[str, dict]]:
+    """crawl_row over `rows`, in order, `settings.concurrency` at a time. A row still running
+    after `settings.slow_fetch_s` stops counting (up to `concurrency` such rows more), so a few
+    servers that trickle until the deadline do not take the task's threads from the good rows."""
+    gate = threading.BoundedSemaphore(settings.concurrency)
+
+    def run(row: dict) -> tuple[str, dict]:
+        gate.acquire()
+        lock, released = threading.Lock(), []
+
+        def release() -> None:
+            with lock:
+                if not released:
+                    released.append(True)
+                    gate.release()
+
+        try:
+            with Deadline(settings.slow_fetch_s, on_expire=release):
+                return crawl_row(row, fetcher, settings, run_id)
+        finally:
+            release()
+
+    with ThreadPoolExecutor(max_workers=2 * settings.concurrency) as pool:
+        return list(pool.map(run, rows))
+
+
 def _previous(row: dict) -> dict:
     out = {k: row.get(f"prev_{k}") for k in _PREV if k != "status"}
     return out
@@ -180,8 +207,7 @@ def crawl_task(task: CrawlTask) -> dict[str, Any]:
     rows = storage.read_parquet_file(task.worklist_key).to_pylist()
     fetcher = Fetcher(task.crawl, task.s3)
     try:
-        with ThreadPoolExecutor(max_workers=task.crawl.concurrency) as pool:
-            outcomes = list(pool.map(lambda r: crawl_row(r, fetcher, task.crawl, task.run_id), rows))
+        outcomes = crawl_rows(rows, fetcher, task.crawl, task.run_id)
     finally:
         fetcher.close()
 
