@@ -294,7 +294,8 @@ class _Watchdog:
                 self._pid = os.getpid()
                 threading.Thread(target=self._run, name="http-deadline-watchdog", daemon=True).start()
             heapq.heappush(self._heap, (deadline.expires_at, next(self._seq), deadline))
-            self.lock.notify()
+            if self._heap[0][2] is deadline:  # the watchdog sleeps until the earliest: wake it only for a new one
+                self.lock.notify()
 
     def _run(self) -> None:
         with self.lock:
