@@ -23,7 +23,8 @@ import pyarrow.parquet as pq
 
 from pipelines.config import S3Settings
 from pipelines.errors import UsageError
-from pipelines.guarded_http import AddressPolicy, GuardedClient, HttpFailure, short
+from pipelines.address_policy import AddressPolicy
+from pipelines.guarded_http import GuardedClient, HttpFailure, short
 
 
 class StorageError(UsageError, RuntimeError):

@@ -3,7 +3,7 @@ import pyarrow as pa
 import pytest
 
 from pipelines.config import S3Settings
-from pipelines.guarded_http import AddressPolicy
+from pipelines.address_policy import AddressPolicy
 from pipelines.storage import LocalStorage, S3Storage, StorageError, open_storage, read_uri_bytes
 
 

@@ -8,7 +8,7 @@ import pytest
 from pipelines.config import CrawlSettings
 from pipelines.crawl.fetch import Fetcher
 from pipelines.crawl.url_safety import UrlPolicy, UrlRejected
-from pipelines.guarded_http import AddressPolicy, HttpFailure, address_block_reason
+from pipelines.address_policy import AddressPolicy, AddressRefused, address_block_reason
 
 
 @pytest.mark.parametrize("address, why", [
@@ -34,7 +34,7 @@ def test_any_forbidden_answer_blocks_the_name():
     answers = {"cdn.example": ["93.184.216.34"], "evil.example": ["93.184.216.34", "10.0.0.5"]}
     policy = AddressPolicy(resolver=answers.__getitem__)
     assert policy.checked_addresses("cdn.example") == ["93.184.216.34"]
-    with pytest.raises(HttpFailure) as exc:
+    with pytest.raises(AddressRefused) as exc:
         policy.checked_addresses("evil.example")
     assert exc.value.reason == "ssrf_blocked" and "10.0.0.5" in exc.value.detail
 

@@ -30,7 +30,8 @@ from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_rand
 
 from pipelines.config import CrawlSettings, S3Settings
 from pipelines.crawl.url_safety import UrlPolicy, UrlRejected
-from pipelines.guarded_http import ALLOW_ALL, Deadline, GuardedClient, HttpFailure, read_body, short
+from pipelines.address_policy import ALLOW_ALL
+from pipelines.guarded_http import Deadline, GuardedClient, HttpFailure, read_body, short
 from schemas.reasons import CONNECTION_ERROR, INTERNAL_ERROR, TIMEOUT, TOO_LARGE, http_status_reason
 
 

@@ -22,7 +22,7 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from pipelines.config import CrawlSettings, S3Settings
-from pipelines.guarded_http import AddressPolicy
+from pipelines.address_policy import AddressPolicy
 from pipelines.storage import StorageError, read_uri_bytes
 from schemas.reasons import BAD_URL, DUPLICATE_ROW, MISSING_FIELD
 from schemas.tables import MANIFEST

@@ -6,7 +6,8 @@ backslashes, whitespace or control characters in the authority (spellings that U
 parsers read differently), IP-literal hosts the address policy forbids, file:// (unless
 private hosts are allowed) and s3:// buckets outside `crawl.allow_s3_buckets`.
 
-The address half is `pipelines.guarded_http`: every connection checks the address it
+The address half is `pipelines.address_policy`, applied by `pipelines.guarded_http`
+where the connection is made: every connection checks the address it
 actually reaches, whatever the URL looked like, so this module's checks are early, clear
 refusals, not the boundary. Names are never resolved here (one lookup per connection,
 made by the connection, is what defeats DNS rebinding).
@@ -18,8 +19,8 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from pipelines.config import CrawlSettings
-from pipelines.guarded_http import (AddressPolicy, HttpFailure, Resolver, address_block_reason,  # noqa: F401
-                                    ip_literal, resolve_host, short)
+from pipelines.address_policy import AddressPolicy, AddressRefused, Resolver, ip_literal, resolve_host
+from pipelines.guarded_http import HttpFailure, short
 from schemas.reasons import BAD_URL, SSRF_BLOCKED
 
 # Control characters anywhere (header injection, parser quirks); in the authority also
@@ -93,5 +94,5 @@ class UrlPolicy:
         if literal is not None:  # an early, clear refusal; names are checked by the connection
             try:
                 self.addresses.check_address(str(literal), str(literal))
-            except HttpFailure as exc:
+            except AddressRefused as exc:
                 raise UrlRejected(exc.reason, exc.detail) from None
