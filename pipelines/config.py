@@ -49,26 +49,61 @@ class SparkSettings(_Section):
 
 
 class CrawlSettings(_Section):
-    connect_timeout_s: float = Field(5.0, gt=0)
+    """`crawl:` settings. No URL costs more than (retries + 1) * total_timeout_s plus
+    retries * max_backoff_s of waiting (plus any wait for a free per-host slot)."""
+    connect_timeout_s: float = Field(5.0, gt=0, description="Longest wait for a TCP connection (and TLS handshake).")
     read_timeout_s: float = Field(15.0, gt=0, description="Longest silence between two received chunks.")
-    total_timeout_s: float = Field(60.0, gt=0, description="Whole-response deadline (stops trickling servers).")
-    retries: int = Field(3, ge=0, description="Retries after the first attempt, on 5xx/429/timeouts/resets.")
+    total_timeout_s: float = Field(
+        60.0, gt=0, description="Wall-clock deadline of one attempt at a URL: connect, TLS, headers, every redirect "
+                                "hop and the whole body, however slowly bytes arrive.")
+    retries: int = Field(3, ge=0, description="Retries after the first attempt, on 5xx/429/resets "
+                                              "(and attempts that ran out of time, with retry_timeouts).")
+    retry_timeouts: bool = Field(
+        False, description="Retry an attempt that ran past a timeout. Off: a server that trickles or hangs costs one "
+                           "total_timeout_s, not retries + 1 of them.")
     backoff_s: float = Field(0.5, ge=0, description="First retry wait; doubles each retry (with jitter).")
-    max_bytes: int = Field(25_000_000, gt=0, description="Larger bodies are quarantined as too_large.")
+    max_backoff_s: float = Field(
+        30.0, ge=0, description="Longest wait before a retry, a server's Retry-After included; a server that asks "
+                                "for a longer wait is not retried.")
+    max_bytes: int = Field(25_000_000, gt=0, description="Larger bodies (after Content-Encoding is decoded) are "
+                                                          "quarantined as too_large.")
     max_pixels: int = Field(50_000_000, gt=0, description="width*height above this is a decompression_bomb.")
     min_side: int = Field(1, ge=1, description="Images with a smaller width or height are quarantined.")
     allowed_formats: list[str] = Field(
         default_factory=lambda: ["JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF"],
         description="Image formats (detected from magic bytes) that are kept.")
     concurrency: int = Field(16, ge=1, description="Concurrent fetches per Spark task.")
-    per_host_concurrency: int = Field(8, ge=1, description="Concurrent fetches to one host per Spark task.")
+    slow_fetch_s: float = Field(
+        5.0, gt=0, description="A fetch running longer than this stops counting against concurrency (up to "
+                               "concurrency such fetches more per task): slow servers cannot take a task's threads.")
+    per_host_concurrency: int = Field(8, ge=1, description="Concurrent fetches to one host:port per Spark task.")
     rows_per_task: int = Field(1000, ge=1, description="Manifest rows handled by one Spark task.")
     max_redirects: int = Field(5, ge=0)
+    max_url_length: int = Field(8192, ge=16, description="Longer image URLs are quarantined as bad_url.")
     user_agent: str = Field("catalog-index/0.1 (+https://github.com/catalog-index/catalog-index)")
     allow_private_hosts: bool = Field(
-        False, description="Allow URLs resolving to loopback/private/link-local/metadata addresses and file://.")
+        False, description="Allow URLs resolving to loopback/private/link-local addresses and file:// "
+                           "(cloud metadata addresses stay refused unless named in allow_networks).")
     allow_networks: list[str] = Field(
         default_factory=list, description="CIDRs allowed even though they are not public (e.g. an internal CDN).")
+    allow_s3_buckets: list[str] = Field(
+        default_factory=list, description="Buckets whose s3:// image URLs may be read (with s3_profile's "
+                                          "credentials); s3:// URLs of any other bucket are ssrf_blocked.")
+    s3_profile: str | None = Field(
+        None, description="AWS profile used to read s3:// image URLs; None = the default credential chain.")
+    proxy: str | None = Field(
+        None, description="HTTP(S) proxy for image URLs (http://host:port). The proxy then resolves names and "
+                          "connects: it must enforce egress rules itself. HTTP(S)_PROXY and .netrc are never read.")
+    ca_bundle: str | None = Field(
+        None, description="CA certificates (PEM file) for https:// image URLs; None = certifi's bundle.")
+    max_manifest_bytes: int = Field(
+        1_000_000_000, gt=0, description="Largest manifest accepted, downloaded and after decompression.")
+    manifest_timeout_s: float = Field(600.0, gt=0, description="Deadline for downloading an http(s):// manifest.")
+
+    @property
+    def worst_case_s(self) -> float:
+        """The documented bound on the time one URL can cost (per-host slot waits aside)."""
+        return (self.retries + 1) * self.total_timeout_s + self.retries * self.max_backoff_s
 
 
 class DedupSettings(_Section):

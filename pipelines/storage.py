@@ -23,6 +23,8 @@ import pyarrow.parquet as pq
 
 from pipelines.config import S3Settings
 from pipelines.errors import UsageError
+from pipelines.address_policy import AddressPolicy
+from pipelines.guarded_http import GuardedClient, HttpFailure, short
 
 
 class StorageError(UsageError, RuntimeError):
@@ -399,23 +401,44 @@ def open_storage(uri: str, s3: S3Settings | None = None) -> Storage:
     raise StorageError(f"unsupported warehouse URI {uri!r}: use file:///path or s3://bucket/prefix")
 
 
-def read_uri_bytes(uri: str, s3: S3Settings | None = None, timeout_s: float = 60.0) -> bytes:
-    """Read one whole object named by a URI: a local path, file://, http(s):// or s3://."""
+DEFAULT_URI_MAX_BYTES = 64_000_000
+
+
+def read_uri_bytes(uri: str, s3: S3Settings | None = None, timeout_s: float = 60.0, *,
+                   max_bytes: int = DEFAULT_URI_MAX_BYTES, policy: AddressPolicy | None = None) -> bytes:
+    """Read one whole object named by a URI: a local path, file://, http(s):// or s3://.
+
+    Whatever the source, at most `max_bytes` are read (StorageError beyond). http(s):// goes
+    through pipelines.guarded_http: `policy` (default: public addresses only) is checked on
+    every connection and redirect hop, and the whole download, redirects included, has
+    `timeout_s` (a wall-clock deadline, not a per-read timeout)."""
     parsed = urlparse(uri)
     if parsed.scheme in ("http", "https"):
-        import requests
-
-        response = requests.get(uri, timeout=timeout_s)
-        if response.status_code != 200:
-            raise StorageError(f"GET {uri} answered HTTP {response.status_code}")
-        return response.content
+        client = GuardedClient(policy or AddressPolicy(), connect_timeout_s=min(10.0, timeout_s),
+                               read_timeout_s=min(30.0, timeout_s), maxsize=1)
+        try:
+            return client.get_bytes(uri, max_bytes=max_bytes, timeout_s=timeout_s)
+        except HttpFailure as exc:
+            raise StorageError(f"GET {short(uri)} failed: {exc.reason}: {exc.detail}") from exc
+        finally:
+            client.close()
     if parsed.scheme in ("s3", "s3a"):
         bucket_prefix, _, name = parsed.path.rpartition("/")
-        return S3Storage(parsed.netloc, bucket_prefix, s3).read_bytes(name)
-    if parsed.scheme in ("", "file"):
+        storage = S3Storage(parsed.netloc, bucket_prefix, s3)
+        with storage._errors("read", name):
+            body = storage.client.get_object(Bucket=storage.bucket, Key=storage._key(name))["Body"]
+            try:
+                data = body.read(max_bytes + 1)  # never more than the cap in memory, whatever the object's size
+            finally:
+                body.close()
+    elif parsed.scheme in ("", "file"):
         path = Path(unquote(parsed.path) if parsed.scheme == "file" else uri)
         if not path.is_file():
             raise StorageError(f"{path} does not exist")
-        return path.read_bytes()
-    raise StorageError(f"unsupported URI scheme in {uri!r} (use a path, file://, http(s):// or s3://)")
-
+        with path.open("rb") as fh:
+            data = fh.read(max_bytes + 1)
+    else:
+        raise StorageError(f"unsupported URI scheme in {short(uri)!r} (use a path, file://, http(s):// or s3://)")
+    if len(data) > max_bytes:
+        raise StorageError(f"{short(uri)} is larger than the cap of {max_bytes:,} bytes")
+    return data

@@ -17,8 +17,14 @@ TIMEOUT = "timeout"                      # an attempt ran past its deadline
 CONNECTION_ERROR = "connection_error"    # refused, reset, closed early
 DNS_ERROR = "dns_error"                  # the host name does not resolve
 TOO_MANY_REDIRECTS = "too_many_redirects"
-TOO_LARGE = "too_large"                  # more bytes than crawl.max_bytes
+BAD_REDIRECT = "bad_redirect"            # a redirect without Location, or to an unusable or non-http(s) URL
+TOO_LARGE = "too_large"                  # more bytes than crawl.max_bytes (counted after Content-Encoding)
 UNEXPECTED_304 = "unexpected_304"        # 304 Not Modified to an unconditional request
+BAD_ENCODING = "bad_encoding"            # the body does not decode as its Content-Encoding (gzip, br...) says
+BAD_RESPONSE = "bad_response"            # a malformed status line or headers (too long, too many, not HTTP)
+TLS_ERROR = "tls_error"                  # TLS handshake or certificate verification failed
+REQUEST_ERROR = "request_error"          # the HTTP client refused the request (e.g. an invalid header value)
+INTERNAL_ERROR = "internal_error"        # a bug met while handling this row; the exception is in detail
 
 
 def http_status_reason(status: int) -> str:
@@ -31,7 +37,7 @@ NOT_AN_IMAGE = "not_an_image"            # no known image signature (an HTML err
 UNSUPPORTED_FORMAT = "unsupported_format"  # an image, of a format not in crawl.allowed_formats
 DECOMPRESSION_BOMB = "decompression_bomb"  # the header declares more pixels than allowed
 TOO_SMALL = "too_small"                  # a side below crawl.min_side
-TRUNCATED = "truncated"                  # the file ends before the image does
+TRUNCATED = "truncated"                  # the file ends before the image does, or the body before its Content-Length
 CORRUPT = "corrupt"                      # the image data cannot be decoded
 
 # --- later stages ----------------------------------------------------------------------

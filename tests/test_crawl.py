@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_jpeg, make_png
+from conftest import make_jpeg, make_noise_png, make_png
 from pipelines import layout
 from pipelines.config import load_settings
 from pipelines.crawl.stage import read_crawl_state, read_current_images, run_crawl
@@ -66,13 +66,22 @@ def catalog(fault_server, tmp_path):
         ("b8", "food", "htp:/broken url", ""),
         ("b9", "food", f"http://127.0.0.1:{closed_port()}/x.png", ""),
         ("b10", "food", u("slow/crawl.png"), ""),
+        # hostile servers and feeds: each one row's outcome, none the task's
+        ("p8", "tools", u("gzip/photo.jpg"), "served gzip-encoded: kept"),
+        ("b11", "food", u("bad-gzip"), ""),
+        ("b12", "food", u("redirect?to=http://[oops/x"), ""),
+        ("b13", "food", u("trickle-headers"), ""),
+        ("b14", "food", "http://images.example.com/" + "a" * 10_000_000, "a 10 MB URL"),
+        ("b15", "food", u("redirect?to=http://169.254.169.254/latest/meta-data/"), ""),
+        ("b16", "food", f"s3://not-allowed-{closed_port()}/a.png", ""),
     ]
     return write_manifest(tmp_path / "catalog.csv", rows), good
 
 
 EXPECTED_REASONS = {"duplicate_row": 1, "missing_field": 1, "http_404": 1, "http_500": 1, "not_an_image": 1,
-                    "empty_body": 1, "decompression_bomb": 1, "unsupported_format": 1, "bad_url": 1,
-                    "connection_error": 1, "timeout": 1}
+                    "empty_body": 1, "decompression_bomb": 1, "unsupported_format": 1, "bad_url": 2,
+                    "connection_error": 1, "timeout": 2, "truncated": 1, "bad_encoding": 1, "bad_redirect": 1,
+                    "ssrf_blocked": 2}
 
 
 def test_every_row_is_accounted_for(spark, catalog, tmp_path):
@@ -80,25 +89,23 @@ def test_every_row_is_accounted_for(spark, catalog, tmp_path):
     warehouse = (tmp_path / "wh").as_uri()
     summary = run_crawl(settings_for(warehouse), manifest, "20261101T000000Z", spark=spark)
 
-    assert summary.manifest_rows == 20
-    assert summary.fetched == 8
-    reasons = dict(summary.quarantine_reasons)
-    truncated = reasons.pop("truncated", 0) + reasons.pop("connection_error", 0) - 1
-    assert truncated == 1, summary.quarantine_reasons  # the lying Content-Length
-    assert {**reasons, "connection_error": 1} == EXPECTED_REASONS
+    assert summary.manifest_rows == 27
+    assert summary.fetched == 9
+    assert summary.quarantine_reasons == EXPECTED_REASONS
     assert summary.accounted == summary.manifest_rows == summary.fetched + summary.quarantined
 
     storage = open_storage(warehouse)
     quarantine = storage.read_table(layout.quarantine_prefix(summary.run_id, "crawl")).to_pandas()
     assert len(quarantine) == summary.quarantined
-    assert set(quarantine["product_id"].fillna("")) >= {"b1", "b2", "b3", "b4", "b5", "b6", "b7", "b8", "b9", "b10", ""}
+    assert set(quarantine["product_id"].fillna("")) >= {f"b{i}" for i in range(1, 17)} | {""}
     assert (quarantine["stage"] == "crawl").all() and quarantine["detail"].notna().all()
+    assert quarantine["detail"].str.len().max() < 1000  # no URL or server text is carried whole into a detail
 
     images = read_current_images(storage, summary.run_id, with_bytes=True)
-    assert sorted(images["product_id"]) == ["p0", "p1", "p2", "p3", "p4", "p5", "p6", "p7"]
+    assert sorted(images["product_id"]) == ["p0", "p1", "p2", "p3", "p4", "p5", "p6", "p7", "p8"]
     for row in images.itertuples():
         assert hashlib.sha256(row.image).hexdigest() == row.sha256
-        assert row.image == good[row.image_url.rsplit("/", 1)[1]]
+        assert row.image == good[row.image_url.rsplit("/", 1)[1]]  # decoded bytes, not the gzip stream
     jpeg = images.set_index("product_id").loc["p6"]
     assert (jpeg.format, jpeg.width, jpeg.height) == ("JPEG", 80, 60)
 
@@ -210,9 +217,14 @@ def test_crawl_into_s3_warehouse_with_s3_images(spark, fault_server, s3_bucket, 
                    f"p1,food,s3://{bucket}/cdn/a.png,\np2,tools,{http_url},\np3,tools,s3://{bucket}/cdn/missing.png,\n"
     source.write_text("feeds/catalog.csv", manifest_csv)
     warehouse = f"s3://{bucket}/warehouse"
-    settings = settings_for(warehouse).model_copy(update={"s3": s3})
+    other = f"{bucket}-other"
+    source.client.create_bucket(Bucket=other)
+    source.client.put_object(Bucket=other, Key="secret.png", Body=make_png(pattern=3))
+    source.write_text("feeds/catalog.csv", manifest_csv + f"p4,tools,s3://{other}/secret.png,\n")
+    settings = settings_for(warehouse, allow_s3_buckets=[bucket]).model_copy(update={"s3": s3})
     summary = run_crawl(settings, f"s3://{bucket}/feeds/catalog.csv", "r1", spark=spark)
-    assert (summary.fetched, summary.quarantine_reasons) == (2, {"http_404": 1})
+    # Only allowed buckets are read with the pipeline's credentials.
+    assert (summary.fetched, summary.quarantine_reasons) == (2, {"http_404": 1, "ssrf_blocked": 1})
     storage = open_storage(warehouse, s3)
     assert storage.exists(layout.crawl_success_key("r1"))
     assert any(k.startswith("images/category=food/run_id=r1/") for k in storage.list("images/"))
@@ -223,11 +235,28 @@ def test_crawl_into_s3_warehouse_with_s3_images(spark, fault_server, s3_bucket, 
     assert (again.fetched, again.not_modified) == (0, 2)
 
 
+def test_s3_image_reads_are_capped(fault_server, s3_bucket):
+    from pipelines.config import CrawlSettings
+    from pipelines.crawl.fetch import Fetcher
+
+    bucket, s3 = s3_bucket
+    source = open_storage(f"s3://{bucket}", s3)
+    source.write_bytes("big.png", make_noise_png(size=(60, 60)))  # ~11 KB that does not compress
+    source.write_bytes("small.png", make_png())
+    f = Fetcher(CrawlSettings(allow_s3_buckets=[bucket], max_bytes=2000, retries=0), s3)
+    big = f.fetch(f"s3://{bucket}/big.png")
+    assert (big.outcome, big.reason) == ("failed", "too_large")
+    assert f"object is {len(source.read_bytes('big.png')):,} bytes" in big.detail  # from the ranged GET's Content-Range
+    assert f.fetch(f"s3://{bucket}/small.png").data == source.read_bytes("small.png")
+
+
 def test_cli_reports_and_fails_clearly(tmp_path, fault_server):
     exe = str(Path(sys.executable).parent / "catalog-index")
     help_text = subprocess.run([exe, "crawl", "--help"], capture_output=True, text=True, check=True).stdout
-    for flag in ("--manifest", "--warehouse", "--run-id", "--allow-private-hosts", "--categories", "--max-bytes"):
+    for flag in ("--manifest", "--warehouse", "--run-id", "--allow-private-hosts", "--categories", "--max-bytes",
+                 "--retry-timeouts", "--max-url-length", "--allow-s3-buckets", "--proxy", "--timeout"):
         assert flag in help_text
+    assert "(retries + 1) * timeout" in " ".join(help_text.split())  # the documented bound
     bad = tmp_path / "catalog.csv"
     bad.write_text("id,url\n1,http://x/a.png\n")
     result = subprocess.run([exe, "crawl", "--manifest", str(bad), "--warehouse", str(tmp_path / "wh")],
@@ -259,3 +288,55 @@ def test_category_backfill_leaves_other_categories_alone(spark, fault_server, tm
         assert after.loc[pid, "status"] == "carried"
         assert after.loc[pid, "stored_key"] == before.loc[pid, "stored_key"]
     assert len(read_current_images(storage, "r2")) == 6
+
+
+def test_a_bug_on_one_row_quarantines_that_row_not_the_task(fault_server, tmp_path, monkeypatch):
+    # Fault injection: the image check raises something nobody planned for, on one URL.
+    from pipelines.crawl import stage
+
+    real = stage.inspect_image
+
+    def inspect(data, *args, **kwargs):
+        if data == fault_server.files["boom.png"]:
+            raise ZeroDivisionError("unexpected")
+        return real(data, *args, **kwargs)
+
+    monkeypatch.setattr(stage, "inspect_image", inspect)
+    rows = [("p1", "food", fault_server.put("ok.png", make_png()), ""),
+            ("p2", "food", fault_server.put("boom.png", make_png(pattern=5)), "")]
+    summary = run_crawl(settings_for((tmp_path / "wh").as_uri()), write_manifest(tmp_path / "m.csv", rows), "r1",
+                        runner="local")
+    assert (summary.fetched, summary.quarantine_reasons) == (1, {"internal_error": 1})
+    quarantine = open_storage((tmp_path / "wh").as_uri()).read_table(layout.quarantine_prefix("r1", "crawl"))
+    assert "ZeroDivisionError: unexpected" in quarantine.to_pandas().set_index("product_id").loc["p2", "detail"]
+
+
+def test_trickling_servers_do_not_take_the_good_rows_threads(fault_server):
+    """Two fetch slots, three rows that trickle until their deadline: the good rows behind them
+    start once the slow ones pass crawl.slow_fetch_s, not when their deadline ends."""
+    import time
+
+    from pipelines.config import CrawlSettings
+    from pipelines.crawl.fetch import Fetcher
+    from pipelines.crawl.stage import crawl_rows
+
+    settings = CrawlSettings(allow_private_hosts=True, concurrency=2, slow_fetch_s=0.3, total_timeout_s=3,
+                             read_timeout_s=2, retries=0)
+    slow = [{"row_index": i, "product_id": f"s{i}", "category": "food", "image_url": fault_server.url("trickle-body")}
+            for i in range(3)]
+    good = [{"row_index": 10 + i, "product_id": f"g{i}", "category": "food",
+             "image_url": fault_server.put(f"g{i}.png", make_png(pattern=i))} for i in range(8)]
+    fetcher = Fetcher(settings)
+    started = time.monotonic()
+    outcomes = crawl_rows(slow + good, fetcher, settings, "r1")
+    elapsed = time.monotonic() - started
+    fetcher.close()
+    assert [kind for kind, _ in outcomes] == ["quarantined"] * 3 + ["fetched"] * 8
+    assert [record["product_id"] for _, record in outcomes] == [r["product_id"] for r in slow + good]  # in order
+    assert {record["reason"] for kind, record in outcomes if kind == "quarantined"} == {"timeout"}
+    last_good_start = max(record["checked_at"] for kind, record in outcomes if kind == "fetched")
+    first_start = min(record.get("checked_at") or record["at"] for _, record in outcomes)
+    # The 3rd slow row waits for a slot (0.3 s), then the good rows go; not after the 3 s deadlines.
+    assert (last_good_start - first_start).total_seconds() < 1.5
+    assert elapsed <= settings.total_timeout_s + 0.3 + 1.5
+    assert fault_server.max_concurrency <= 2 * settings.concurrency  # slow rows are capped too

@@ -3,6 +3,7 @@ import pyarrow as pa
 import pytest
 
 from pipelines.config import S3Settings
+from pipelines.address_policy import AddressPolicy
 from pipelines.storage import LocalStorage, S3Storage, StorageError, open_storage, read_uri_bytes
 
 
@@ -89,6 +90,32 @@ def test_read_uri_bytes_http_s3_file(tmp_path, s3_bucket, fault_server):
     assert read_uri_bytes(str(tmp_path / "m.csv")) == b"file bytes"
     assert read_uri_bytes((tmp_path / "m.csv").as_uri()) == b"file bytes"
     url = fault_server.put("m.csv", b"http bytes")
-    assert read_uri_bytes(url) == b"http bytes"
+    loopback = AddressPolicy(allow_private_hosts=True)
+    assert read_uri_bytes(url, policy=loopback) == b"http bytes"
     with pytest.raises(StorageError, match="HTTP 404"):
-        read_uri_bytes(fault_server.url("status/404"))
+        read_uri_bytes(fault_server.url("status/404"), policy=loopback)
+
+
+def test_read_uri_bytes_is_guarded_capped_and_bounded(tmp_path, s3_bucket, fault_server):
+    import time
+
+    url = fault_server.put("q.png", b"x" * 5000)
+    with pytest.raises(StorageError, match="ssrf_blocked"):  # default policy: public addresses only
+        read_uri_bytes(url)
+    assert fault_server.log == []
+    loopback = AddressPolicy(allow_private_hosts=True)
+    with pytest.raises(StorageError, match="cap of 1,000 bytes"):
+        read_uri_bytes(url, policy=loopback, max_bytes=1000)
+    with pytest.raises(StorageError, match="cap of 1,000 bytes"):
+        read_uri_bytes(fault_server.url("gzip-bomb/50"), policy=loopback, max_bytes=1000)
+    (tmp_path / "big").write_bytes(b"x" * 5000)
+    with pytest.raises(StorageError, match="larger than the cap"):
+        read_uri_bytes(str(tmp_path / "big"), max_bytes=1000)
+    bucket, settings = s3_bucket
+    open_storage(f"s3://{bucket}", settings).write_bytes("big", b"x" * 5000)
+    with pytest.raises(StorageError, match="larger than the cap"):
+        read_uri_bytes(f"s3://{bucket}/big", settings, max_bytes=1000)
+    started = time.monotonic()
+    with pytest.raises(StorageError, match="timeout"):
+        read_uri_bytes(fault_server.url("trickle-headers"), policy=loopback, timeout_s=1.0)
+    assert time.monotonic() - started < 1.0 + 1.5

@@ -32,19 +32,38 @@ def add_crawl_commands(sub) -> None:
     p.add_argument("--categories", nargs="+", metavar="C",
                    help="crawl only these categories; the others keep the previous run's images (backfill)")
     p.add_argument("--allow-private-hosts", action="store_true", default=None,
-                   help="allow URLs on loopback/private/link-local addresses and file:// (off by default: SSRF guard)")
+                   help="allow URLs on loopback/private/link-local addresses and file:// (off by default: SSRF "
+                        "guard, checked on the address each connection reaches; cloud metadata addresses stay refused)")
+    p.add_argument("--allow-s3-buckets", nargs="+", metavar="BUCKET",
+                   help="buckets whose s3:// image URLs may be read with the pipeline's (or crawl.s3_profile's) "
+                        "credentials; other s3:// image URLs are quarantined as ssrf_blocked (default: none)")
+    p.add_argument("--proxy", metavar="URL",
+                   help="send image requests through this HTTP proxy (it must enforce egress rules itself); "
+                        "HTTP(S)_PROXY, NO_PROXY and ~/.netrc are never read")
     p.add_argument("--no-resume", action="store_true",
                    help="discard finished tasks of an earlier attempt at this run id and crawl everything again")
-    g = p.add_argument_group("crawl limits (also settable in the config file under crawl:)")
+    g = p.add_argument_group(
+        "crawl limits (also settable in the config file under crawl:)",
+        "No URL costs more than (retries + 1) * timeout + retries * crawl.max_backoff_s (30 s) of waiting, "
+        "plus any wait for a free per-host slot; with the defaults 60 s, as timeouts are not retried.")
     g.add_argument("--concurrency", type=int, metavar="N", help="concurrent fetches per Spark task (default 16)")
     g.add_argument("--per-host-concurrency", type=int, metavar="N",
-                   help="concurrent fetches to one host per Spark task (default 8)")
+                   help="concurrent fetches to one host:port per Spark task (default 8)")
     g.add_argument("--rows-per-task", type=int, metavar="N", help="manifest rows per Spark task (default 1000)")
-    g.add_argument("--retries", type=int, metavar="N", help="retries on 5xx/429/timeouts/resets (default 3)")
-    g.add_argument("--timeout", type=float, metavar="S", help="whole-response deadline in seconds (default 60)")
-    g.add_argument("--max-bytes", type=int, metavar="N", help="largest accepted body in bytes (default 25 MB)")
+    g.add_argument("--retries", type=int, metavar="N",
+                   help="retries on 5xx/429/resets, with backoff honouring Retry-After (default 3)")
+    g.add_argument("--timeout", type=float, metavar="S",
+                   help="wall-clock deadline of one attempt at a URL: connect, TLS, headers, redirects and the whole "
+                        "body, however slowly bytes arrive (default 60)")
+    g.add_argument("--retry-timeouts", action="store_true", default=None,
+                   help="also retry attempts that ran past a timeout (off: a trickling or silent server costs one "
+                        "--timeout, not retries + 1 of them)")
+    g.add_argument("--max-bytes", type=int, metavar="N",
+                   help="largest accepted body in bytes, counted after Content-Encoding is decoded (default 25 MB)")
     g.add_argument("--max-pixels", type=int, metavar="N",
                    help="largest accepted width*height; above is a decompression_bomb (default 50M)")
+    g.add_argument("--max-url-length", type=int, metavar="N",
+                   help="longer image URLs are quarantined as bad_url (default 8192)")
     g.add_argument("--user-agent", metavar="UA", help="User-Agent header sent with every request")
     add_common_flags(p)
     p.set_defaults(func=cmd_crawl)
@@ -57,7 +76,8 @@ def cmd_crawl(args) -> int:
     crawl = {"allow_private_hosts": args.allow_private_hosts, "concurrency": args.concurrency,
              "per_host_concurrency": args.per_host_concurrency, "rows_per_task": args.rows_per_task,
              "retries": args.retries, "total_timeout_s": args.timeout, "max_bytes": args.max_bytes,
-             "max_pixels": args.max_pixels, "user_agent": args.user_agent}
+             "max_pixels": args.max_pixels, "user_agent": args.user_agent, "retry_timeouts": args.retry_timeouts,
+             "max_url_length": args.max_url_length, "allow_s3_buckets": args.allow_s3_buckets, "proxy": args.proxy}
     settings = settings_from_args(args, crawl=crawl)
     run_id = args.run_id or new_run_id()
     console.print(f"crawl run [bold]{run_id}[/]: {args.manifest} -> {settings.warehouse}")

@@ -4,7 +4,8 @@ Public: `run_crawl` (the stage), `CrawlSummary`, `CrawlError`, `Fetcher` (the gu
 client, also for other tools), `read_manifest` / `ManifestError`, and the readers of its committed
 output re-exported from pipelines.readers (`read_current_images`, `read_crawl_state`,
 `LIVE_STATUSES`). Modules: stage (driver and Spark tasks), manifest (reading feeds), fetch (the
-network client), url_safety (the address policy), image_check (is it a usable image).
+network client, on pipelines.guarded_http), url_safety (which URLs may be requested; the address
+rules are pipelines.address_policy), image_check (is it a usable image).
 """
 from pipelines.crawl.fetch import Fetcher
 from pipelines.crawl.manifest import ManifestError, read_manifest

@@ -1,30 +1,38 @@
 """Fetch one image URL politely and safely: the crawler's network layer.
 
-One `Fetcher` per Spark task: a pooled HTTP session, a per-host concurrency cap,
-connect/read timeouts plus a whole-response deadline (a server that trickles bytes
-cannot hold a slot forever), retries with exponential backoff and jitter on 5xx, 429,
-timeouts and resets, a byte cap, conditional requests (If-None-Match /
-If-Modified-Since), and an SSRF check on every redirect hop. s3:// and file:// URLs
-are served by the same interface.
+One `Fetcher` per Spark task: pooled connections (pipelines.guarded_http: every
+connection checks the address it reaches against the SSRF policy, every attempt has a
+wall-clock deadline covering connect, headers, redirects and body), a per-host:port
+concurrency cap, retries with exponential backoff and jitter on 5xx, 429 and resets
+(honouring Retry-After up to crawl.max_backoff_s), a byte cap on decoded bytes,
+conditional requests (If-None-Match / If-Modified-Since). s3:// URLs of allowed buckets
+go through the same client as presigned GETs; file:// only with --allow-private-hosts.
 
-Never raises for a bad URL or a bad server: every outcome is a FetchResult with a
-reason code, so the stage can account for every row.
+The bound, per URL: (retries + 1) * total_timeout_s + retries * max_backoff_s, plus any
+wait for a free per-host slot. An attempt that runs out of time is not retried unless
+crawl.retry_timeouts is set.
+
+Never raises: every outcome is a FetchResult with a reason code (schemas.reasons), even
+a bug (internal_error), so the stage can account for every row.
 """
 from __future__ import annotations
 
+import email.utils
+import re
 import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import unquote, urljoin, urlsplit
+from urllib.parse import unquote, urlsplit
 
-import requests
-from requests.adapters import HTTPAdapter
-from tenacity import RetryError, Retrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
+from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
 from pipelines.config import CrawlSettings, S3Settings
 from pipelines.crawl.url_safety import UrlPolicy, UrlRejected
+from pipelines.address_policy import ALLOW_ALL
+from pipelines.guarded_http import Deadline, GuardedClient, HttpFailure, read_body, short
+from schemas.reasons import CONNECTION_ERROR, INTERNAL_ERROR, TIMEOUT, TOO_LARGE, http_status_reason
 
 
 @dataclass
@@ -40,199 +48,198 @@ class FetchResult:
     final_url: str | None = None
 
 
-class _Retryable(Exception):
-    """A failure worth another attempt (5xx, 429, timeout, reset)."""
-
-    def __init__(self, reason: str, detail: str, http_status: int | None = None):
-        super().__init__(detail)
-        self.reason, self.detail, self.http_status = reason, detail, http_status
+_RETRYABLE_STATUS = re.compile(r"^http_(429|5\d\d)$")
 
 
-class _Final(Exception):
-    def __init__(self, reason: str, detail: str, http_status: int | None = None):
-        super().__init__(detail)
-        self.reason, self.detail, self.http_status = reason, detail, http_status
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date), or None."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when is None or when.tzinfo is None:
+        return None
+    return max(0.0, when.timestamp() - time.time())
 
 
 class Fetcher:
     def __init__(self, settings: CrawlSettings, s3: S3Settings | None = None, policy: UrlPolicy | None = None):
         self.settings = settings
         self.s3 = s3 or S3Settings()
-        self.policy = policy or UrlPolicy(settings.allow_private_hosts, settings.allow_networks)
-        self.session = requests.Session()
-        adapter = HTTPAdapter(pool_connections=64, pool_maxsize=max(settings.concurrency, 8), max_retries=0)
-        self.session.mount("http://", adapter)
-        self.session.mount("https://", adapter)
-        self.session.headers["User-Agent"] = settings.user_agent
-        self.session.headers["Accept"] = "image/*;q=0.9,*/*;q=0.1"
+        self.policy = policy or UrlPolicy.from_settings(settings)
+        self.client = GuardedClient(self.policy.addresses, connect_timeout_s=settings.connect_timeout_s,
+                                    read_timeout_s=settings.read_timeout_s, maxsize=max(settings.concurrency, 8),
+                                    user_agent=settings.user_agent, proxy=settings.proxy, ca_bundle=settings.ca_bundle)
         self._host_slots: dict[str, threading.BoundedSemaphore] = defaultdict(
             lambda: threading.BoundedSemaphore(settings.per_host_concurrency))
-        self._slots_lock = threading.Lock()
-        self._s3_clients: dict[str, object] = {}
+        self._lock = threading.Lock()
+        self._s3: tuple[object, GuardedClient] | None = None
 
     def close(self) -> None:
-        self.session.close()
+        self.client.close()
+        if self._s3:
+            self._s3[1].close()
 
     # -- public -----------------------------------------------------------------------
     def fetch(self, url: str, etag: str | None = None, last_modified: str | None = None) -> FetchResult:
+        try:
+            return self._fetch(url, etag, last_modified)
+        except Exception as exc:  # a bug, not a server: still this row's outcome, never the task's end
+            return FetchResult("failed", INTERNAL_ERROR, short(f"{type(exc).__name__}: {exc}", 500))
+
+    def _fetch(self, url: str, etag: str | None, last_modified: str | None) -> FetchResult:
         try:
             self.policy.check(url)
         except UrlRejected as exc:
             return FetchResult("failed", exc.reason, exc.detail)
         scheme = urlsplit(url).scheme.lower()
-        retrying = Retrying(
-            retry=retry_if_exception_type(_Retryable),
-            stop=stop_after_attempt(self.settings.retries + 1),
-            wait=wait_random_exponential(multiplier=self.settings.backoff_s, max=30),
-            reraise=False,
-        )
+        if scheme == "file":
+            return self._fetch_file(url)
+        attempt = self._attempt_http if scheme in ("http", "https") else self._attempt_s3
+        s = self.settings
+        retrying = Retrying(retry=retry_if_exception(self._retryable), stop=stop_after_attempt(s.retries + 1),
+                            wait=self._wait, reraise=True)
+        attempts = 0
         try:
-            for attempt in retrying:
-                with attempt:
-                    if scheme in ("http", "https"):
-                        return self._fetch_http(url, etag, last_modified)
-                    if scheme == "s3":
-                        return self._fetch_s3(url, etag)
-                    return self._fetch_file(url)
-        except RetryError as exc:
-            last = exc.last_attempt.exception()
-            return FetchResult("failed", last.reason, f"{last.detail} (after {self.settings.retries + 1} attempts)",
-                               last.http_status)
-        except _Final as exc:
-            return FetchResult("failed", exc.reason, exc.detail, exc.http_status)
-        except UrlRejected as exc:
-            return FetchResult("failed", exc.reason, exc.detail)
+            for try_ in retrying:
+                with try_:
+                    attempts += 1
+                    return attempt(url, etag, last_modified)
+        except HttpFailure as exc:
+            detail = exc.detail + (f" (after {attempts} attempts)" if attempts > 1 else "")
+            return FetchResult("failed", exc.reason, detail, exc.http_status)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    # -- http -------------------------------------------------------------------------
-    def _slot(self, host: str) -> threading.BoundedSemaphore:
-        with self._slots_lock:
-            return self._host_slots[host]
+    # -- retries ----------------------------------------------------------------------
+    def _retryable(self, exc: BaseException) -> bool:
+        if not isinstance(exc, HttpFailure) or isinstance(exc, UrlRejected):
+            return False
+        if exc.retry_after is not None and exc.retry_after > self.settings.max_backoff_s:
+            return False  # the server asks for a longer wait than the bound allows
+        return (exc.reason == CONNECTION_ERROR or bool(_RETRYABLE_STATUS.match(exc.reason))
+                or (exc.reason == TIMEOUT and self.settings.retry_timeouts))
 
-    def _fetch_http(self, url: str, etag: str | None, last_modified: str | None) -> FetchResult:
-        headers = {}
+    def _wait(self, retry_state) -> float:
+        s = self.settings
+        wait = wait_random_exponential(multiplier=s.backoff_s, max=s.max_backoff_s)(retry_state)
+        exc = retry_state.outcome.exception()
+        if isinstance(exc, HttpFailure) and exc.retry_after is not None:
+            wait = max(wait, exc.retry_after)
+        return min(wait, s.max_backoff_s)
+
+    # -- http -------------------------------------------------------------------------
+    def _slot(self, url: str) -> threading.BoundedSemaphore:
+        parts = urlsplit(url)
+        with self._lock:
+            return self._host_slots[f"{(parts.hostname or '').lower()}:{parts.port}"]
+
+    def _check_hop(self, url: str) -> None:
+        self.policy.check(url, schemes=("http", "https"))
+
+    def _attempt_http(self, url: str, etag: str | None, last_modified: str | None) -> FetchResult:
+        s = self.settings
+        headers = {"Accept": "image/*;q=0.9,*/*;q=0.1"}
         if etag:
             headers["If-None-Match"] = etag
         if last_modified:
             headers["If-Modified-Since"] = last_modified
-        current = url
-        for _hop in range(self.settings.max_redirects + 1):
-            host = (urlsplit(current).hostname or "").lower()
-            with self._slot(host):
-                response = self._request(current, headers)
-                try:
-                    status = response.status_code
-                    if status in (301, 302, 303, 307, 308):
-                        location = response.headers.get("Location")
-                        if not location:
-                            raise _Final("bad_redirect", f"HTTP {status} without a Location header", status)
-                        current = urljoin(current, location)
-                        self.policy.check(current)  # the redirect target gets the same SSRF check
-                        continue
-                    meta = dict(http_status=status, etag=response.headers.get("ETag"),
-                                last_modified=response.headers.get("Last-Modified"),
-                                content_type=response.headers.get("Content-Type"), final_url=current)
-                    if status == 304:
-                        return FetchResult("not_modified", **meta)
-                    if status == 429 or status >= 500:
-                        raise _Retryable(f"http_{status}", f"HTTP {status} from {host}", status)
-                    if status != 200:
-                        raise _Final(f"http_{status}", f"HTTP {status} for {current}", status)
-                    data = self._read_body(response, current)
-                    return FetchResult("ok", data=data, **meta)
-                finally:
-                    response.close()
-        raise _Final("too_many_redirects", f"more than {self.settings.max_redirects} redirects from {url}")
-
-    def _request(self, url: str, headers: dict) -> requests.Response:
-        s = self.settings
-        try:
-            return self.session.get(url, headers=headers, stream=True, allow_redirects=False,
-                                    timeout=(s.connect_timeout_s, s.read_timeout_s))
-        except requests.exceptions.ConnectTimeout as exc:
-            raise _Retryable("timeout", f"connect timeout after {s.connect_timeout_s}s: {url}") from exc
-        except requests.exceptions.ReadTimeout as exc:
-            raise _Retryable("timeout", f"no response within {s.read_timeout_s}s: {url}") from exc
-        except requests.exceptions.InvalidURL as exc:
-            raise _Final("bad_url", f"invalid URL {url!r}: {exc}") from exc
-        except requests.exceptions.ConnectionError as exc:
-            text = str(exc)
-            if "NameResolutionError" in text or "Name or service not known" in text:
-                raise _Final("dns_error", f"cannot resolve host of {url}") from exc
-            raise _Retryable("connection_error", f"connection failed: {url}: {_short(text)}") from exc
-        except requests.exceptions.RequestException as exc:
-            raise _Final("request_error", f"{type(exc).__name__}: {_short(str(exc))}") from exc
-
-    def _read_body(self, response: requests.Response, url: str) -> bytes:
-        s = self.settings
-        declared = response.headers.get("Content-Length")
-        if declared and declared.isdigit() and int(declared) > s.max_bytes:
-            raise _Final("too_large", f"Content-Length {int(declared):,} exceeds crawl.max_bytes={s.max_bytes:,}", 200)
-        deadline = time.monotonic() + s.total_timeout_s
-        chunks, size = [], 0
-        try:
-            for chunk in response.iter_content(chunk_size=64 * 1024):
-                size += len(chunk)
-                if size > s.max_bytes:
-                    raise _Final("too_large", f"body exceeds crawl.max_bytes={s.max_bytes:,}", 200)
-                if time.monotonic() > deadline:
-                    raise _Retryable("timeout", f"body not complete within crawl.total_timeout_s={s.total_timeout_s}s "
-                                     f"({size:,} bytes received): {url}", 200)
-                chunks.append(chunk)
-        except (requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError) as exc:
-            # urllib3 reports both a read timeout mid-body and a reset connection here.
-            reason = "timeout" if "timed out" in str(exc).lower() else "connection_error"
-            raise _Retryable(reason, f"body read failed after {size:,} bytes: {_short(str(exc))}", 200) from exc
-        data = b"".join(chunks)
-        if declared and declared.isdigit() and len(data) < int(declared):
-            raise _Final("truncated", f"received {len(data):,} of {int(declared):,} declared bytes", 200)
-        return data
+        # The slot first: waiting for a busy host is not part of this attempt's deadline.
+        with self._slot(url), Deadline(s.total_timeout_s) as deadline:
+            response, final = self.client.open(url, deadline, headers, max_redirects=s.max_redirects,
+                                                check_url=self._check_hop)
+            complete = False
+            try:
+                status = response.status
+                meta = dict(http_status=status, etag=response.headers.get("ETag"),
+                            last_modified=response.headers.get("Last-Modified"),
+                            content_type=response.headers.get("Content-Type"), final_url=final)
+                if status == 304:
+                    complete = True
+                    return FetchResult("not_modified", **meta)
+                if status == 429 or status >= 500:
+                    retry_after = parse_retry_after(response.headers.get("Retry-After"))
+                    wait = f"; it asks to retry after {retry_after:.0f}s" if retry_after is not None else ""
+                    raise HttpFailure(http_status_reason(status), f"HTTP {status} from {short(final, 120)}{wait}",
+                                      status, retry_after=retry_after)
+                if status != 200:
+                    raise HttpFailure(http_status_reason(status), f"HTTP {status} for {short(final)}", status)
+                data = read_body(response, s.max_bytes, deadline, final)
+                complete = True
+                return FetchResult("ok", data=data, **meta)
+            finally:
+                self.client.release(response, deadline, complete)
 
     # -- s3 and file --------------------------------------------------------------------
-    def _fetch_s3(self, url: str, etag: str | None) -> FetchResult:
-        from botocore.exceptions import BotoCoreError, ClientError
+    def _s3_clients(self) -> tuple[object, GuardedClient]:
+        with self._lock:
+            if self._s3 is None:
+                import boto3  # only tasks that meet an s3:// image URL pay for botocore
+                from botocore.config import Config
 
-        from pipelines.storage import S3Storage
+                session = boto3.session.Session(profile_name=self.settings.s3_profile)
+                signer = session.client("s3", endpoint_url=self.s3.endpoint_url, region_name=self.s3.region,
+                                        config=Config(signature_version="s3v4", s3={"addressing_style": "path"}
+                                                      if self.s3.endpoint_url else None))
+                # The endpoint is the operator's (S3Settings), not the feed's: any address may serve it.
+                client = GuardedClient(ALLOW_ALL, connect_timeout_s=self.settings.connect_timeout_s,
+                                       read_timeout_s=self.settings.read_timeout_s,
+                                       maxsize=max(self.settings.concurrency, 8), ca_bundle=self.settings.ca_bundle)
+                self._s3 = (signer, client)
+            return self._s3
 
+    def _attempt_s3(self, url: str, etag: str | None, _last_modified: str | None) -> FetchResult:
+        """A presigned, ranged GET through the guarded client: same deadline and byte cap as HTTP."""
+        s = self.settings
         parts = urlsplit(url)
         bucket, key = parts.netloc, parts.path.lstrip("/")
-        client = self._s3_clients.get(bucket)
-        if client is None:
-            client = self._s3_clients[bucket] = S3Storage(bucket, "", self.s3).client
-        try:
-            kwargs = {"Bucket": bucket, "Key": key}
-            if etag:
-                kwargs["IfNoneMatch"] = etag
-            head = client.head_object(**kwargs)
-            if head["ContentLength"] > self.settings.max_bytes:
-                raise _Final("too_large", f"object is {head['ContentLength']:,} bytes, over crawl.max_bytes", 200)
-            obj = client.get_object(**kwargs)
-            data = obj["Body"].read()
-        except ClientError as exc:
-            code = exc.response.get("Error", {}).get("Code", "")
-            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            if status == 304 or code == "304":
-                return FetchResult("not_modified", http_status=304, etag=etag, final_url=url)
-            if code in ("NoSuchKey", "404", "NotFound"):
-                raise _Final("http_404", f"no such object {url}", 404) from exc
-            if status and status >= 500:
-                raise _Retryable(f"http_{status}", f"S3 {code} for {url}", status) from exc
-            raise _Final(f"s3_{code or status}", f"S3 error {code} for {url}", status) from exc
-        except BotoCoreError as exc:
-            raise _Retryable("connection_error", f"S3 request failed for {url}: {exc}") from exc
-        return FetchResult("ok", http_status=200, data=data, etag=obj.get("ETag"),
-                           last_modified=obj["LastModified"].strftime("%a, %d %b %Y %H:%M:%S GMT")
-                           if obj.get("LastModified") else None,
-                           content_type=obj.get("ContentType"), final_url=url)
+        signer, client = self._s3_clients()
+        signed = signer.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=900)
+        headers = {"Range": f"bytes=0-{s.max_bytes}"}
+        if etag:
+            headers["If-None-Match"] = etag
+        with Deadline(s.total_timeout_s) as deadline:
+            response, _ = client.open(signed, deadline, headers, max_redirects=0)
+            complete = False
+            try:
+                status = response.status
+                meta = dict(http_status=200 if status in (200, 206, 416) else status,
+                            etag=response.headers.get("ETag"), last_modified=response.headers.get("Last-Modified"),
+                            content_type=response.headers.get("Content-Type"), final_url=url)
+                if status == 304:
+                    complete = True
+                    return FetchResult("not_modified", **{**meta, "http_status": 304, "etag": meta["etag"] or etag})
+                if status == 416:  # a range of an empty object
+                    return FetchResult("ok", data=b"", **meta)
+                if status == 429 or status >= 500:
+                    raise HttpFailure(http_status_reason(status), f"S3 answered HTTP {status} for {short(url)}", status,
+                                      retry_after=parse_retry_after(response.headers.get("Retry-After")))
+                if status not in (200, 206):
+                    raise HttpFailure(http_status_reason(status), f"S3 answered HTTP {status} for {short(url)}", status)
+                total = (response.headers.get("Content-Range") or "").rpartition("/")[2]
+                if total.isdigit() and int(total) > s.max_bytes:
+                    raise HttpFailure(TOO_LARGE, f"object is {int(total):,} bytes, over crawl.max_bytes={s.max_bytes:,}",
+                                      200)
+                data = read_body(response, s.max_bytes, deadline, url)
+                complete = True
+                return FetchResult("ok", data=data, **meta)
+            finally:
+                client.release(response, deadline, complete)
 
     def _fetch_file(self, url: str) -> FetchResult:
         path = Path(unquote(urlsplit(url).path))
         if not path.is_file():
-            raise _Final("http_404", f"no such file {path}", 404)
-        if path.stat().st_size > self.settings.max_bytes:
-            raise _Final("too_large", f"{path} is {path.stat().st_size:,} bytes, over crawl.max_bytes")
-        return FetchResult("ok", http_status=200, data=path.read_bytes(), final_url=url)
+            return FetchResult("failed", http_status_reason(404), f"no such file {short(str(path))}", 404)
+        size = path.stat().st_size
+        if size > self.settings.max_bytes:
+            return FetchResult("failed", TOO_LARGE, f"{short(str(path))} is {size:,} bytes, over crawl.max_bytes")
+        with path.open("rb") as fh:
+            data = fh.read(self.settings.max_bytes + 1)  # the file may have grown since stat
+        if len(data) > self.settings.max_bytes:
+            return FetchResult("failed", TOO_LARGE, f"{short(str(path))} is over crawl.max_bytes")
+        return FetchResult("ok", http_status=200, data=data, final_url=url)
 
-
-def _short(text: str, limit: int = 200) -> str:
-    return text if len(text) <= limit else text[:limit] + "…"

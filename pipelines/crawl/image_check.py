@@ -38,7 +38,8 @@ def inspect_image(data: bytes, allowed_formats: list[str] | tuple[str, ...] = ("
     if fmt is None:
         lowered = data[:256].lstrip().lower()
         what = "an HTML page" if lowered.startswith(_TEXT_PREFIXES) else "no known image format"
-        raise ImageRejected(NOT_AN_IMAGE, f"the bytes are {what} (starts with {data[:16]!r})")
+        # No bytes of the body in the detail: it may be what an internal service answered.
+        raise ImageRejected(NOT_AN_IMAGE, f"the bytes are {what} ({len(data):,} bytes)")
     if fmt not in allowed_formats:
         raise ImageRejected(UNSUPPORTED_FORMAT, f"{fmt} is not an allowed format ({', '.join(allowed_formats)})")
 

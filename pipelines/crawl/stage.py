@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -36,17 +37,16 @@ from pipelines.config import CrawlSettings, S3Settings, Settings
 from pipelines.crawl.fetch import Fetcher
 from pipelines.crawl.image_check import ImageRejected, inspect_image
 from pipelines.crawl.manifest import read_manifest, split_manifest_rows
+from pipelines.guarded_http import Deadline, short
 from pipelines.readers import (LIVE_STATUSES, committed_crawl_runs, previous_crawl_run,  # noqa: F401
                                read_crawl_state, read_current_images)
 from pipelines.storage import Storage, open_storage
+from schemas.reasons import INTERNAL_ERROR, TRANSIENT_REASONS, UNEXPECTED_304
 from schemas.tables import IMAGE_STATE, IMAGES, QUARANTINE
 from pipelines.errors import StageRefused
 from schemas.tables import MANIFEST
 from pipelines.spark import default_parallelism, run_tasks
 
-# Failures that say nothing about the image itself: keep last night's good copy.
-TRANSIENT_REASONS = {"timeout", "connection_error", "dns_error", "http_429", "http_500", "http_502", "http_503",
-                     "http_504"}
 _PREV = ["sha256", "byte_size", "format", "width", "height", "http_status", "etag", "last_modified",
          "content_type", "final_url", "fetched_at", "stored_run_id", "stored_key", "status"]
 
@@ -119,7 +119,17 @@ def _has_previous_bytes(row: dict) -> bool:
 
 def crawl_row(row: dict, fetcher: Fetcher, settings: CrawlSettings, run_id: str) -> tuple[str, dict]:
     """Fetch and check one worklist row. Returns (kind, record) with kind in
-    fetched | not_modified | stale | quarantined."""
+    fetched | not_modified | stale | quarantined. Never raises: whatever one row does ends
+    as that row's outcome, never as the task's failure."""
+    try:
+        return _crawl_row(row, fetcher, settings)
+    except Exception as exc:  # last resort: a bug met on this row quarantines the row, with the exception
+        return "quarantined", {**{k: row.get(k) for k in ("product_id", "category", "image_url", "title")},
+                               "row_index": row.get("row_index"), "reason": INTERNAL_ERROR,
+                               "detail": short(f"{type(exc).__name__}: {exc}", 500), "http_status": None, "at": _now()}
+
+
+def _crawl_row(row: dict, fetcher: Fetcher, settings: CrawlSettings) -> tuple[str, dict]:
     base = {k: row.get(k) for k in ("product_id", "category", "image_url", "title")}
     conditional = _has_previous_bytes(row)
     started = _now()
@@ -148,11 +158,37 @@ def crawl_row(row: dict, fetcher: Fetcher, settings: CrawlSettings, run_id: str)
             http = {k: v for k, v in dict(http_status=304, etag=result.etag, last_modified=result.last_modified).items()
                     if v is not None}
             return "not_modified", {**base, **_previous(row), **http, "status": "not_modified", "checked_at": started}
-        reason, detail = "unexpected_304", "HTTP 304 to an unconditional request"
+        reason, detail = UNEXPECTED_304, "HTTP 304 to an unconditional request"
     if conditional and reason in TRANSIENT_REASONS:
         return "stale", {**base, **_previous(row), "status": "stale", "error": reason, "checked_at": started}
     return "quarantined", {**base, "row_index": row["row_index"], "reason": reason, "detail": detail,
                            "http_status": result.http_status, "at": started}
+
+
+def crawl_rows(rows: list[dict], fetcher: Fetcher, settings: CrawlSettings, run_id: str) -> list[tuple[str, dict]]:
+    """crawl_row over `rows`, in order, `settings.concurrency` at a time. A row still running
+    after `settings.slow_fetch_s` stops counting (up to `concurrency` such rows more), so a few
+    servers that trickle until the deadline do not take the task's threads from the good rows."""
+    gate = threading.BoundedSemaphore(settings.concurrency)
+
+    def run(row: dict) -> tuple[str, dict]:
+        gate.acquire()
+        lock, released = threading.Lock(), []
+
+        def release() -> None:
+            with lock:
+                if not released:
+                    released.append(True)
+                    gate.release()
+
+        try:
+            with Deadline(settings.slow_fetch_s, on_expire=release):
+                return crawl_row(row, fetcher, settings, run_id)
+        finally:
+            release()
+
+    with ThreadPoolExecutor(max_workers=2 * settings.concurrency) as pool:
+        return list(pool.map(run, rows))
 
 
 def _previous(row: dict) -> dict:
@@ -171,8 +207,7 @@ def crawl_task(task: CrawlTask) -> dict[str, Any]:
     rows = storage.read_parquet_file(task.worklist_key).to_pylist()
     fetcher = Fetcher(task.crawl, task.s3)
     try:
-        with ThreadPoolExecutor(max_workers=task.crawl.concurrency) as pool:
-            outcomes = list(pool.map(lambda r: crawl_row(r, fetcher, task.crawl, task.run_id), rows))
+        outcomes = crawl_rows(rows, fetcher, task.crawl, task.run_id)
     finally:
         fetcher.close()
 
@@ -241,14 +276,14 @@ def run_crawl(settings: Settings, manifest_uri: str, run_id: str, *, categories:
     started = time.monotonic()
     layout.check_run_id(run_id)
     storage = open_storage(settings.warehouse, settings.s3)
-    manifest = read_manifest(manifest_uri, settings.s3)
+    manifest = read_manifest(manifest_uri, settings.s3, settings.crawl)
     storage.write_table(layout.manifest_key(run_id), manifest)
     frame = manifest.to_pandas()
     previous = previous_crawl_run(storage, run_id)
 
     in_scope = frame if not categories else frame[frame["category"].astype("string").str.strip().isin(categories)]
     out_of_scope = len(frame) - len(in_scope)
-    to_crawl, rejected = split_manifest_rows(in_scope)
+    to_crawl, rejected = split_manifest_rows(in_scope, settings.crawl.max_url_length)
 
     prev_state = read_crawl_state(storage, previous) if previous else IMAGE_STATE.empty_table().to_pandas()
     prev_state = prev_state[prev_state["status"] != "removed"]

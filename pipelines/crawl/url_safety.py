@@ -1,70 +1,39 @@
-"""SSRF guard for the crawler: which URLs may be fetched at all.
+"""Which image URLs the crawler may request at all: the URL half of the SSRF guard.
 
-A catalog feed is untrusted input. By default the crawler refuses any URL whose host is,
-or resolves to, a loopback, private, link-local (cloud metadata lives there), CGNAT,
-multicast, reserved or unspecified address, and it re-checks every redirect hop. The
-address classification is a pure function on IP literals so that it can be tested
-without sending traffic anywhere.
+A catalog feed is untrusted input. `UrlPolicy.check` refuses, before anything is sent,
+URLs that are too long, malformed, of an unsupported scheme, with credentials, or with
+backslashes, whitespace or control characters in the authority (spellings that URL
+parsers read differently), IP-literal hosts the address policy forbids, file:// (unless
+private hosts are allowed) and s3:// buckets outside `crawl.allow_s3_buckets`.
 
-Known gap: the check resolves the name, then the HTTP client resolves it again to
-connect; a DNS server that answers differently the second time (DNS rebinding) is not
-stopped here. Network egress rules remain the real boundary.
+The address half is `pipelines.address_policy`, applied by `pipelines.guarded_http`
+where the connection is made: every connection checks the address it
+actually reaches, whatever the URL looked like, so this module's checks are early, clear
+refusals, not the boundary. Names are never resolved here (one lookup per connection,
+made by the connection, is what defeats DNS rebinding).
 """
 from __future__ import annotations
 
-import ipaddress
-import socket
+import re
 from dataclasses import dataclass, field
-from typing import Callable
 from urllib.parse import urlsplit
 
-# Metadata endpoints that are not covered by the range checks below on every cloud.
-METADATA_ADDRESSES = frozenset({
-    ipaddress.ip_address("169.254.169.254"),   # AWS, GCP, Azure, OpenStack
-    ipaddress.ip_address("169.254.170.2"),     # AWS ECS task metadata
-    ipaddress.ip_address("100.100.100.200"),   # Alibaba Cloud
-    ipaddress.ip_address("fd00:ec2::254"),     # AWS IPv6 IMDS
-})
+from pipelines.config import CrawlSettings
+from pipelines.address_policy import AddressPolicy, AddressRefused, Resolver, ip_literal, resolve_host
+from pipelines.guarded_http import HttpFailure, short
+from schemas.reasons import BAD_URL, SSRF_BLOCKED
 
-Resolver = Callable[[str], list[str]]
+# Control characters anywhere (header injection, parser quirks); in the authority also
+# whitespace, backslash, '@' (credentials) and '%' (encoded hosts): where parsers disagree.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_AUTHORITY_FORBIDDEN = re.compile(r"[\\@%\s\x00-\x1f\x7f]")
 
 
-class UrlRejected(ValueError):
+class UrlRejected(HttpFailure):
+    """The URL may not be requested; `reason` is bad_url or ssrf_blocked."""
+
     def __init__(self, reason: str, detail: str):
-        super().__init__(detail)
-        self.reason = reason
-        self.detail = detail
-
-
-def address_block_reason(address: str) -> str | None:
-    """Why an IP literal must not be fetched, or None when it is a public address."""
-    ip = ipaddress.ip_address(address)
-    if isinstance(ip, ipaddress.IPv6Address):
-        mapped = ip.ipv4_mapped or ip.sixtofour
-        if mapped is not None:
-            return address_block_reason(str(mapped))
-    if ip in METADATA_ADDRESSES:
-        return "cloud metadata address"
-    if ip.is_loopback:
-        return "loopback address"
-    if ip.is_link_local:
-        return "link-local address"
-    if ip.is_unspecified:
-        return "unspecified address"
-    if ip.is_private:
-        return "private address"
-    if ip.is_multicast:
-        return "multicast address"
-    if ip.is_reserved:
-        return "reserved address"
-    if not ip.is_global:
-        return "non-public address"
-    return None
-
-
-def resolve_host(host: str) -> list[str]:
-    infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
-    return sorted({info[4][0] for info in infos})
+        super().__init__(reason, detail)
 
 
 @dataclass
@@ -72,51 +41,58 @@ class UrlPolicy:
     allow_private_hosts: bool = False
     allow_networks: list[str] = field(default_factory=list)
     resolver: Resolver = resolve_host
+    max_url_length: int = 8192
+    allow_s3_buckets: list[str] = field(default_factory=list)
 
     def __post_init__(self):
-        self._networks = [ipaddress.ip_network(n, strict=False) for n in self.allow_networks]
+        self.addresses = AddressPolicy(self.allow_private_hosts, list(self.allow_networks), self.resolver)
 
-    def check(self, url: str) -> None:
-        """Raise UrlRejected(bad_url | ssrf_blocked | dns_error) when `url` may not be fetched."""
+    @classmethod
+    def from_settings(cls, crawl: CrawlSettings, resolver: Resolver = resolve_host) -> UrlPolicy:
+        return cls(crawl.allow_private_hosts, list(crawl.allow_networks), resolver, crawl.max_url_length,
+                   list(crawl.allow_s3_buckets))
+
+    def check(self, url: str, schemes: tuple[str, ...] = ("http", "https", "s3", "file")) -> None:
+        """Raise UrlRejected(bad_url | ssrf_blocked) when `url` may not be requested."""
+        if not isinstance(url, str):
+            raise UrlRejected(BAD_URL, f"not a URL: {type(url).__name__}")
+        if len(url) > self.max_url_length:
+            raise UrlRejected(BAD_URL, f"URL is {len(url):,} characters, over crawl.max_url_length="
+                              f"{self.max_url_length:,}: {short(url, 80)!r}")
+        if _CONTROL.search(url):
+            raise UrlRejected(BAD_URL, f"control character in URL {short(url)!r}")
         try:
             parts = urlsplit(url)
             parts.port  # raises ValueError on a malformed port
         except ValueError as exc:
-            raise UrlRejected("bad_url", f"malformed URL {url!r}: {exc}") from None
+            raise UrlRejected(BAD_URL, f"malformed URL {short(url)!r}: {exc}") from None
         scheme = parts.scheme.lower()
+        if scheme not in schemes:
+            raise UrlRejected(BAD_URL, f"unsupported URL scheme {parts.scheme!r} in {short(url)!r}"
+                              + ("" if schemes == ("http", "https", "s3", "file") else " (here: http or https)"))
         if scheme == "file":
             if not self.allow_private_hosts:
-                raise UrlRejected("ssrf_blocked", "file:// URLs read the crawler's own disk; "
+                raise UrlRejected(SSRF_BLOCKED, "file:// URLs read the crawler's own disk; "
                                   "allowed only with --allow-private-hosts")
             return
+        # The authority as written, before any parser normalises it: where parsers disagree.
+        authority = url.split("//", 1)[1] if "//" in url else ""
+        authority = re.split(r"[/?#]", authority, maxsplit=1)[0]
+        if _AUTHORITY_FORBIDDEN.search(authority):
+            raise UrlRejected(BAD_URL, f"credentials, backslash, '%' or whitespace in the host part of {short(url)!r}")
         if scheme == "s3":
             if not parts.netloc:
-                raise UrlRejected("bad_url", f"S3 URL without a bucket: {url!r}")
+                raise UrlRejected(BAD_URL, f"S3 URL without a bucket: {short(url)!r}")
+            if parts.netloc not in self.allow_s3_buckets:
+                raise UrlRejected(SSRF_BLOCKED, f"bucket {short(parts.netloc, 80)!r} is not in "
+                                  "crawl.allow_s3_buckets: s3:// image URLs are read with the pipeline's credentials")
             return
-        if scheme not in ("http", "https"):
-            raise UrlRejected("bad_url", f"unsupported URL scheme {parts.scheme!r} in {url!r}")
         host = parts.hostname
         if not host:
-            raise UrlRejected("bad_url", f"URL has no host: {url!r}")
-        if self.allow_private_hosts:
-            return
-        try:
-            addresses = [host] if _is_ip_literal(host) else self.resolver(host)
-        except (socket.gaierror, UnicodeError) as exc:
-            raise UrlRejected("dns_error", f"cannot resolve host {host!r}: {exc}") from None
-        for address in addresses:
-            ip = ipaddress.ip_address(address.split("%", 1)[0])
-            if any(ip in net for net in self._networks):
-                continue
-            why = address_block_reason(str(ip))
-            if why:
-                raise UrlRejected("ssrf_blocked", f"{host} resolves to {address}, a {why}; pass "
-                                  "--allow-private-hosts or add its network to crawl.allow_networks to allow it")
-
-
-def _is_ip_literal(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host.split("%", 1)[0])
-        return True
-    except ValueError:
-        return False
+            raise UrlRejected(BAD_URL, f"URL has no host: {short(url)!r}")
+        literal = ip_literal(host)
+        if literal is not None:  # an early, clear refusal; names are checked by the connection
+            try:
+                self.addresses.check_address(str(literal), str(literal))
+            except AddressRefused as exc:
+                raise UrlRejected(exc.reason, exc.detail) from None

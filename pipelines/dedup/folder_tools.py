@@ -74,7 +74,7 @@ def download_manifest_images(manifest_uri: str, folder: Path, crawl=None) -> dic
     """Download every distinct image_url of a manifest into `folder`; returns {file: url}.
     URLs that cannot be fetched are left out (the crawl stage is where they are accounted for)."""
     crawl = crawl or CrawlSettings()
-    urls = sorted({u for u in read_manifest(manifest_uri).column("image_url").to_pylist() if u})
+    urls = sorted({u for u in read_manifest(manifest_uri, crawl=crawl).column("image_url").to_pylist() if u})
     folder.mkdir(parents=True, exist_ok=True)
     fetcher = Fetcher(crawl)
 
@@ -86,8 +86,11 @@ def download_manifest_images(manifest_uri: str, folder: Path, crawl=None) -> dic
         target.write_bytes(result.data)
         return str(target), url
 
-    with ThreadPoolExecutor(crawl.concurrency) as pool:
-        return dict(item for item in pool.map(fetch, urls) if item)
+    try:
+        with ThreadPoolExecutor(crawl.concurrency) as pool:
+            return dict(item for item in pool.map(fetch, urls) if item)
+    finally:
+        fetcher.close()
 
 
 def near_duplicate_pairs(hashes: pd.DataFrame, max_distance: int, confirm: bool = True,
