@@ -112,7 +112,7 @@ def open_image(data: bytes, *, max_pixels: int | None = DEFAULT_MAX_PIXELS, draf
         signature = sniff_format(data)
         if signature:  # starts like an image, but the header is cut or broken
             raise ImageDecodeError(CORRUPT, f"{signature} signature but unreadable header") from None
-        raise ImageDecodeError(NOT_AN_IMAGE, f"unrecognised format, starts with {data[:16]!r}") from None
+        raise ImageDecodeError(NOT_AN_IMAGE, f"no known image signature ({len(data):,} bytes)") from None
     except DECODE_ERRORS as error:
         raise decode_failure(error) from None
     return image

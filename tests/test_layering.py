@@ -28,7 +28,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 FOUNDATION = {"config", "layout", "storage", "spark", "progress", "readers", "fingerprint", "snapshot", "errors",
-              "decode"}
+              "decode", "address_policy", "guarded_http"}
 STAGES = ["crawl", "dedup", "validate", "embed", "index"]  # pipeline order: each may use the ones before it
 ORCHESTRATION = {"pipeline", "publish", "client", "search", "report", "sample_catalog", "serve"}
 HEAVY = ("torch", "faiss", "great_expectations", "pyspark", "petastorm", "scipy", "timm", "torchvision")

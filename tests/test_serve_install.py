@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import requests
 
-from pipelines.client import pull
 from serving import OPENCLIPART, RealCatalog, free_port
 
 REPO = Path(__file__).resolve().parents[1]
