@@ -36,8 +36,9 @@ import numpy as np
 from pipelines.config import S3Settings
 from pipelines.errors import UsageError
 from pipelines.layout import snapshot_prefix
-from pipelines.snapshot import (MANIFEST_FILE, MODEL_PCA_PATH, SnapshotVerificationError, apply_search_params,
-                                read_latest, sha256_of_file, validate_manifest)
+from pipelines.snapshot import (MANIFEST_FILE, MODEL_PCA_PATH, PointerInvalid, SnapshotVerificationError,
+                                apply_search_params, check_index_name, parse_manifest, read_latest, sha256_of_file,
+                                validate_manifest)
 from pipelines.storage import StorageError, open_storage
 
 VERIFIED_MARKER = ".verified"
@@ -57,6 +58,16 @@ class PullResult:
     path: Path          # the verified local snapshot directory
     changed: bool       # False: `current` already was this snapshot
     previous: str | None
+
+
+def contained_path(root: Path, relative: str) -> Path:
+    """`root / relative`, refused unless it stays strictly under `root`: every path a pull writes or a
+    client opens comes from a manifest, which is warehouse content, not ours."""
+    root = Path(root).resolve()
+    path = (root / relative).resolve()
+    if path == root or root not in path.parents:
+        raise PointerInvalid(f"manifest path {relative!r} leaves the snapshot directory {root}; refusing the snapshot")
+    return path
 
 
 def current_snapshot_id(dest: str | os.PathLike) -> str | None:
@@ -95,8 +106,9 @@ def pull(warehouse: str, dest: str | os.PathLike, *, s3: S3Settings | None = Non
     sha256 differs from the manifest, or the manifest from the sha256 recorded in LATEST.
     """
     dest = Path(dest).expanduser().resolve()
+    check_index_name(index_name, "--index-name")
     storage = open_storage(warehouse, s3)
-    pointer = read_latest(storage, index_name)
+    pointer = read_latest(storage, index_name)  # the id is checked there: it becomes a local directory name
     if pointer is None:
         raise SnapshotError(f"index {index_name!r} has no published snapshot in {warehouse} (no LATEST): "
                             "run build-index and publish first")
@@ -105,7 +117,7 @@ def pull(warehouse: str, dest: str | os.PathLike, *, s3: S3Settings | None = Non
     snapshots = dest / "snapshots"
     with _pull_lock(dest):
         previous = current_snapshot_id(dest)
-        final = snapshots / snapshot_id
+        final = contained_path(snapshots, snapshot_id)
         if previous == snapshot_id and _locally_verified(final, expected_manifest_sha):
             return PullResult(snapshot_id, final, False, previous)
         if not _locally_verified(final, expected_manifest_sha):
@@ -126,13 +138,13 @@ def _download_verified(storage, index_name: str, snapshot_id: str, expected_mani
     if expected_manifest_sha and hashlib.sha256(manifest_data).hexdigest() != expected_manifest_sha:
         raise SnapshotVerificationError(f"manifest of {snapshot_id} does not match the sha256 in LATEST; "
                                         "refusing the snapshot", [MANIFEST_FILE])
-    manifest = validate_manifest(json.loads(manifest_data), f"{storage.uri_for(prefix + MANIFEST_FILE)}")
+    manifest = parse_manifest(manifest_data, storage.uri_for(prefix + MANIFEST_FILE), index_name, snapshot_id)
     snapshots.mkdir(parents=True, exist_ok=True)
     staging = snapshots / f".partial-{snapshot_id}-{secrets.token_hex(4)}"
     try:
         bad = []
         for record in manifest["files"]:
-            local = staging / record["path"]
+            local = contained_path(staging, record["path"])
             try:
                 storage.download_file(prefix + record["path"], local)
             except StorageError as exc:
@@ -149,7 +161,7 @@ def _download_verified(storage, index_name: str, snapshot_id: str, expected_mani
                 bad)
         (staging / MANIFEST_FILE).write_bytes(manifest_data)
         (staging / VERIFIED_MARKER).write_text(hashlib.sha256(manifest_data).hexdigest() + "\n")
-        final = snapshots / snapshot_id
+        final = contained_path(snapshots, snapshot_id)
         if final.exists():  # an unverified leftover of an interrupted copy
             shutil.rmtree(final)
         os.rename(staging, final)
@@ -214,11 +226,11 @@ class _Shard:
         self.entry = entry
         self.shard_id = entry["shard_id"]
         self.categories = set(entry["categories"])
-        self.index = faiss.read_index(str(root / entry["files"]["index"]["path"]))
+        self.index = faiss.read_index(str(contained_path(root, entry["files"]["index"]["path"])))
         self.params = dict(entry.get("search_params") or {})
         apply_search_params(self.index, self.params)
         self.kind = entry["index_type"]
-        table = pq.read_table(root / entry["files"]["idmap"]["path"]).sort_by([("vector_id", "ascending")])
+        table = pq.read_table(contained_path(root, entry["files"]["idmap"]["path"])).sort_by([("vector_id", "ascending")])
         self.vector_ids = table.column("vector_id").to_numpy()
         self.columns = {name: np.array(table.column(name).to_pylist(), dtype=object)
                         for name in ("product_id", "category", "image_url", "title", "sha256")}
@@ -294,7 +306,7 @@ class SnapshotClient:
     def _check_files(self, verify: bool) -> None:
         bad = []
         for record in self.manifest["files"]:
-            local = self.root / record["path"]
+            local = contained_path(self.root, record["path"])
             if not local.is_file():
                 bad.append(f"{record['path']} (missing)")
             elif local.stat().st_size != record["bytes"]:

@@ -27,9 +27,10 @@ from datetime import datetime, timezone
 
 from pipelines.storage import Storage
 from pipelines.layout import index_prefix, latest_key, snapshot_prefix
-from pipelines.snapshot import (BUILD_FILE, MANIFEST_FILE, MANIFEST_VERSION, ManifestInvalid, PublishError,  # noqa: F401
-                                SnapshotVerificationError, manifest_bytes, read_build, read_latest, read_manifest,
-                                sha256_of_file, snapshot_files, validate_manifest, verify_snapshot_files)
+from pipelines.snapshot import (BUILD_FILE, MANIFEST_FILE, MANIFEST_VERSION, ManifestInvalid, PointerInvalid,  # noqa: F401
+                                PublishError, SnapshotVerificationError, check_snapshot_id, manifest_bytes,
+                                parse_manifest, read_build, read_latest, read_manifest, sha256_of_file,
+                                snapshot_files, validate_manifest, verify_snapshot_files)
 
 
 
@@ -206,6 +207,7 @@ def apply_retention(storage: Storage, index_name: str, keep_snapshots: int) -> l
 
 def rollback(storage: Storage, index_name: str, to_snapshot_id: str) -> dict:
     """Point LATEST at an earlier published snapshot after re-verifying every one of its files."""
+    check_snapshot_id(to_snapshot_id, "--to", PublishError)
     pointer = read_latest(storage, index_name)
     if pointer and pointer["snapshot_id"] == to_snapshot_id:
         raise PublishError(f"LATEST already points to {to_snapshot_id}")
@@ -215,7 +217,7 @@ def rollback(storage: Storage, index_name: str, to_snapshot_id: str) -> dict:
         raise PublishError(f"{to_snapshot_id} is not a published snapshot of index {index_name!r} "
                            f"(published: {', '.join(published) or 'none'})")
     data = storage.read_bytes(prefix + MANIFEST_FILE)
-    manifest = validate_manifest(json.loads(data), storage.uri_for(prefix + MANIFEST_FILE))
+    manifest = parse_manifest(data, storage.uri_for(prefix + MANIFEST_FILE), index_name, to_snapshot_id)
     verify_snapshot_files(storage, prefix, manifest["files"])
     write_latest(storage, index_name, to_snapshot_id, hashlib.sha256(data).hexdigest(), action="rollback")
     return manifest
