@@ -122,6 +122,10 @@ class IndexSettings(_Section):
     min_recall: float = Field(0.90, ge=0, le=1, description="recall@10 below this stops the run before publish")
     recall_queries: int = Field(500, ge=10, description="held-out vectors for tuning and for the recall check")
     keep_snapshots: int = Field(5, ge=1, description="published snapshots kept (plus whatever LATEST points to)")
+    retention_grace_hours: float = Field(
+        24.0, ge=0, description="retention never deletes an unpublished snapshot directory (a build that may still "
+                                "be uploading) younger than this, nor a snapshot held by a publish or rollback for "
+                                "less than this; longer than the longest build-index (its task times out at 3 h)")
     use_gpu: bool = Field(True, description="train/add IVF indexes on GPUs when faiss-gpu sees one")
     reuse_unchanged_shards: bool = Field(
         True, description="a full build copies, byte for byte, every shard of the live snapshot whose categories "

@@ -85,7 +85,7 @@ def _publish(ctx: RunContext):
     build = ctx.results.get("build_index")
     return publish_snapshot(open_storage(ctx.settings.warehouse, ctx.settings.s3), cfg.name,
                             snapshot_id=getattr(build, "snapshot_id", None), run_id=ctx.run_id,
-                            keep_snapshots=cfg.keep_snapshots)
+                            keep_snapshots=cfg.keep_snapshots, retention_grace_hours=cfg.retention_grace_hours)
 
 
 STAGE_FUNCTIONS: dict[str, Callable[[RunContext], Any]] = {
