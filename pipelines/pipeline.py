@@ -21,7 +21,8 @@ from pipelines.dedup import run_dedup
 from pipelines.embed import run_embed, spec_from_settings
 from pipelines.errors import StageRefused, UsageError
 from pipelines.index import build_index, index_settings_from
-from pipelines.publish import publish_snapshot
+from pipelines.publish import holding_live_snapshot, publish_snapshot
+from pipelines.readers import backfill_index_scope, require_committed_dedup
 from pipelines.report import build_report, search_samples_or_note, snapshot_summary
 from pipelines.storage import open_storage
 from pipelines.validate import validate_stages
@@ -44,6 +45,7 @@ class RunContext:
     manifest: str | None = None
     categories: list[str] | None = None
     force: bool = False
+    rewrite_history: bool = False  # allow a run id older than the newest committed run (crawl refuses it otherwise)
     runner: str = "spark"
     spark: Any = None            # a SparkSession or a factory for one
     results: dict[str, Any] = field(default_factory=dict)
@@ -60,7 +62,7 @@ def _crawl(ctx: RunContext):
     if not ctx.manifest:
         raise UsageError("the crawl stage needs a manifest (--manifest)")
     return run_crawl(ctx.settings, ctx.manifest, ctx.run_id, categories=ctx.categories, runner=ctx.runner,
-                     spark=ctx.spark)
+                     spark=ctx.spark, rewrite_history=ctx.rewrite_history)
 
 
 def _dedup(ctx: RunContext):
@@ -76,8 +78,12 @@ def _embed(ctx: RunContext):
 
 
 def _build_index(ctx: RunContext):
-    return build_index(ctx.settings, ctx.run_id, model=spec_from_settings(ctx.settings.embed),
-                       categories=ctx.categories, runner=ctx.runner, spark=ctx.spark)
+    storage = open_storage(ctx.settings.warehouse, ctx.settings.s3)
+    require_committed_dedup(storage, ctx.run_id)
+    with holding_live_snapshot(storage, index_settings_from(ctx.settings).name):  # its shards may be copied
+        return build_index(ctx.settings, ctx.run_id, model=spec_from_settings(ctx.settings.embed),
+                           categories=backfill_index_scope(storage, ctx.run_id, ctx.categories), runner=ctx.runner,
+                           spark=ctx.spark)
 
 
 def _publish(ctx: RunContext):

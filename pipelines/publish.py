@@ -219,6 +219,38 @@ def hold(storage: Storage, index_name: str, snapshot_id: str, holder: str) -> It
             log.warning("could not remove hold %s: %s", key, exc)
 
 
+@contextmanager
+def holding_live_snapshot(storage: Storage, index_name: str) -> Iterator[str | None]:
+    """Hold the live snapshot while a build copies shards from it (a backfill, or a night's unchanged shards),
+    so that a retention running meanwhile does not delete the files being copied. Yields its id (None: none).
+
+    If LATEST moves between this hold and the build's own reading of it, the build may copy from a snapshot
+    nobody holds; should that build then fail while LATEST has moved, the failure is LatestMoved (rebuild)."""
+    for _ in range(5):
+        pointer = read_latest(storage, index_name)
+        if pointer is None:
+            yield None
+            return
+        held = pointer["snapshot_id"]
+        with hold(storage, index_name, held, "build"):
+            again = read_latest(storage, index_name)
+            if again is None or again["snapshot_id"] != held:
+                continue  # moved before the hold landed: hold the new one
+            try:
+                yield held
+            except Exception as exc:
+                now = read_latest(storage, index_name)
+                if now is not None and now["snapshot_id"] != held:
+                    raise LatestMoved(f"the build failed ({type(exc).__name__}) after LATEST moved from {held} to "
+                                      f"{now['snapshot_id']} (another publish or a rollback): the snapshot it copied "
+                                      "shards from may have been retired meanwhile. Rebuild on the new live "
+                                      "snapshot (rerun build-index)") from exc
+                raise
+            return
+    raise LatestMoved(f"LATEST of index {index_name!r} kept moving while build-index tried to hold it: "
+                      "wait for the running publishes and rollbacks to finish, then rerun build-index")
+
+
 def _held(storage: Storage, index_name: str, grace: timedelta, now: datetime) -> set[str]:
     held = set()
     for key in storage.list(holds_prefix(index_name)):

@@ -72,10 +72,10 @@ def _add_build_index(sub) -> None:
                     "per shard against exact search. Below index.min_recall the run stops (exit 1) and nothing "
                     "can be published. `publish` makes the build live.", epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run-id", metavar="ID", help="dedup run to index (default: the newest under dedup/)")
+    p.add_argument("--run-id", metavar="ID", help="committed dedup run to index (default: the newest committed one)")
     p.add_argument("--categories", nargs="+", metavar="C",
-                   help="backfill: rebuild only the shards holding these categories; copy every other shard of "
-                        "the live snapshot byte for byte")
+                   help="backfill: rebuild only the shards holding these categories (and those that products of the "
+                        "run's crawl moved from or to); copy every other shard of the live snapshot byte for byte")
     p.add_argument("--model-version", metavar="V",
                    help="index embeddings/<V>/ (default: the installed model's version). A version this "
                         "installation cannot reproduce gives a snapshot searchable by vector only")
@@ -97,11 +97,19 @@ def cmd_build_index(args) -> int:
     settings, cfg = _index_settings(args, max_vectors_per_shard=args.max_vectors_per_shard,
                                     memory_budget_mb=args.memory_budget_mb, min_recall=args.min_recall,
                                     target_recall=args.target_recall)
+    from pipelines.publish import holding_live_snapshot
+    from pipelines.readers import backfill_index_scope, require_committed_dedup  # pandas: not at parser build time
+
+    storage = _storage(settings)
+    run_id = require_committed_dedup(storage, args.run_id)  # only a committed dedup output is indexed
+    categories = backfill_index_scope(storage, run_id, args.categories)
     model = model_for_version(args.model_version)
-    console.print(f"build-index [bold]{cfg.name}[/] from dedup run {args.run_id or '(newest)'} -> {settings.warehouse}")
+    console.print(f"build-index [bold]{cfg.name}[/] from dedup run {run_id} -> {settings.warehouse}"
+                  + (f" (categories: {', '.join(categories)})" if categories else ""))
     try:
-        result = build_index(settings, args.run_id, model=model, categories=args.categories, cfg=cfg,
-                             runner=args.runner, spark=spark_factory(args, settings, "catalog-index build-index"))
+        with holding_live_snapshot(storage, cfg.name):  # retention must not delete the shards being copied
+            result = build_index(settings, run_id, model=model, categories=categories, cfg=cfg,
+                                 runner=args.runner, spark=spark_factory(args, settings, "catalog-index build-index"))
     except IndexCheckFailed as exc:
         console.print(f"[red]index check failed:[/] {exc}")
         return 1

@@ -119,7 +119,7 @@ def hash_task(task: HashTask) -> dict:
     rows = [{"sha256": s, "phash": None if r else phash_hex(h), "reason": r,
              "detail": f"pHash failed: {r}" if r else None, "run_id": task.run_id}
             for s, h, r in zip(shas, hashes.tolist(), reasons)]
-    rows += [{"sha256": s, "phash": None, "reason": "bytes_missing", "run_id": task.run_id,
+    rows += [{"sha256": s, "phash": None, "reason": TRANSIENT_HASH_REASON, "run_id": task.run_id,
               "detail": f"not found in {task.stored_key}"} for s in missing]
     storage.write_table(f"{hash_cache_prefix(task.draft_size)}part-{task.run_id}-{task.part}.parquet",
                         pa.Table.from_pylist(rows, HASH_CACHE))
@@ -156,6 +156,9 @@ def confirm_task(task: ConfirmTask) -> list[float]:
 
 # Bumped whenever the same bytes would hash differently (2: transparency composited on white).
 HASH_VERSION = 2
+
+
+TRANSIENT_HASH_REASON = "bytes_missing"
 
 
 def hash_cache_prefix(draft_size: int | None) -> str:
@@ -199,7 +202,10 @@ def with_valid_canonicals(rows: pd.DataFrame, rejected: set[str]) -> pd.DataFram
 
 def _hash_missing(storage, settings: Settings, run_id, images, runner, spark) -> tuple[pd.DataFrame, int]:
     cache = read_hash_cache(storage, settings.dedup.jpeg_draft_size)
-    todo = images[~images["sha256"].isin(cache.index)].drop_duplicates("sha256")
+    # bytes_missing says where the bytes were looked for, not what the image is: never a cached verdict,
+    # tried again every run (the crawl re-fetches images whose stored bytes are gone).
+    known = cache.index[cache["reason"].ne(TRANSIENT_HASH_REASON).to_numpy()]
+    todo = images[~images["sha256"].isin(known)].drop_duplicates("sha256")
     tasks = []
     per_task = settings.dedup.images_per_task
     for key, group in todo.groupby("stored_key", sort=True):
