@@ -39,6 +39,11 @@ class S3Settings(_Section):
     max_attempts: int = Field(8, ge=1, description="botocore retry attempts (standard mode).")
     multipart_threshold_mb: int = Field(64, ge=5, description="Objects above this are uploaded in parts.")
     multipart_chunk_mb: int = Field(16, ge=5)
+    checksums: Literal["when_required", "when_supported"] = Field(
+        "when_required", description="boto3's request_checksum_calculation and response_checksum_validation. "
+        "'when_supported' (boto3's default since 2025) sends CRC checksum headers on every upload, which several "
+        "S3-compatible stores reject or mangle; 'when_required' sends them only where S3 requires them. Files are "
+        "verified by their sha256 either way.")
 
 
 class SparkSettings(_Section):

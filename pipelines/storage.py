@@ -281,7 +281,9 @@ class S3Storage(Storage):
 
             config = Config(retries={"max_attempts": self.settings.max_attempts, "mode": "standard"},
                             s3={"addressing_style": "path"} if self.settings.endpoint_url else None,
-                            max_pool_connections=32)
+                            max_pool_connections=32,
+                            request_checksum_calculation=self.settings.checksums,
+                            response_checksum_validation=self.settings.checksums)
             self._client = boto3.session.Session().client(
                 "s3", endpoint_url=self.settings.endpoint_url, region_name=self.settings.region, config=config)
         return self._client

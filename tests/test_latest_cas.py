@@ -84,8 +84,8 @@ def test_local_compare_and_swap_has_exactly_one_winner_among_processes(tmp_path,
 
 
 @pytest.mark.s3
-def test_s3_conditional_writes_create_once_and_replace_only_the_version_read(s3_bucket):
-    bucket, s3 = s3_bucket
+def test_s3_conditional_writes_create_once_and_replace_only_the_version_read(s3_store):
+    bucket, s3 = s3_store
     storage = open_storage(f"s3://{bucket}/wh", s3)
     storage.write_if("k", b"one", None)
     with pytest.raises(WriteConflict):
@@ -229,4 +229,25 @@ def test_a_rollback_target_is_never_retired_under_it(warehouse):
     with pytest.raises(PublishError, match="being retired"):
         rollback(storage, "catalog", ids[0])
     assert read_latest(storage, "catalog")["snapshot_id"] == ids[2]
+    assert storage.list("indexes/catalog/_holds/") == []
+
+
+@pytest.mark.s3
+def test_the_snapshot_protocol_on_s3_compatible_stores(s3_store, tmp_path):
+    """moto and a real SeaweedFS: publish, a lost race, rollback by compare-and-swap, pull."""
+    from pipelines.client import pull
+
+    bucket, s3 = s3_store
+    uri = f"s3://{bucket}/wh"
+    storage = open_storage(uri, s3)
+    write_catalog(storage, "r1", {"food": 40, "tools": 30})
+    settings = load_settings(warehouse=uri, s3=s3.model_dump())
+    first = publish_snapshot(storage, "catalog", snapshot_id=build(settings).snapshot_id).snapshot_id
+    nightly, backfill = build(settings), build(settings, categories=["tools"])
+    publish_snapshot(storage, "catalog", snapshot_id=backfill.snapshot_id)
+    with pytest.raises(LatestMoved):
+        publish_snapshot(storage, "catalog", snapshot_id=nightly.snapshot_id)
+    rollback(storage, "catalog", first)
+    pulled = pull(uri, tmp_path / "serving", s3=s3)
+    assert pulled.snapshot_id == first == read_latest(storage, "catalog")["snapshot_id"]
     assert storage.list("indexes/catalog/_holds/") == []
