@@ -81,7 +81,7 @@ def test_s3_faults_during_publish_pull_and_retention_never_break_the_snapshot_pr
                                                                           runner="local").snapshot_id).snapshot_id]
     rng = random.Random(17)
     outcomes: dict[str, int] = {}
-    for round_ in range(6 * CHAOS):
+    for round_ in range(4 * CHAOS):
         built = build_index(settings, "r1", model=MODEL, cfg=CFG, runner="local")
         plan = {n: rng.choice(FAULTS) for n in rng.sample(range(60), 6)}
         proxy.arm(plan)
@@ -113,12 +113,12 @@ def test_s3_faults_during_publish_pull_and_retention_never_break_the_snapshot_pr
     kinds: dict[str, int] = {}
     for _, fault, method, _ in proxy.injected:
         kinds[f"{fault} {method}"] = kinds.get(f"{fault} {method}", 0) + 1
-    print(f"\nS3 fault rounds: {6 * CHAOS}, faults injected {dict(sorted(kinds.items()))}, outcomes {outcomes}")
-    assert sum(outcomes.values()) == 6 * CHAOS and kinds
+    print(f"\nS3 fault rounds: {4 * CHAOS}, faults injected {dict(sorted(kinds.items()))}, outcomes {outcomes}")
+    assert sum(outcomes.values()) == 4 * CHAOS and kinds
 
 
 @pytest.mark.s3
-@pytest.mark.parametrize("fault", ["lost", "reset", "slowdown"])
+@pytest.mark.parametrize("fault", ["lost", "reset"] + (["slowdown", "slow"] if CHAOS > 1 else []))
 @pytest.mark.parametrize("target", ["/LATEST", "/manifest.json"])
 def test_a_fault_on_the_manifest_or_latest_write_still_publishes_exactly_once(proxied, fault, target):
     """The conditional write reaches the store but its answer is lost: the client retries, the store answers
