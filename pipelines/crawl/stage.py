@@ -430,7 +430,10 @@ def _write_driver_rows(storage: Storage, run_id: str, rejected: pd.DataFrame, ma
         gone = prev_state[~in_this_run & listed_now.isna()]
         carried = prev_state.iloc[0:0]
     else:
-        backfilled = prev_state["category"].isin(categories)
+        # Gone from the manifest: removed if its category is backfilled, or if its product now lives (by the
+        # manifest) in a backfilled category: that product's rows are all this run's to decide.
+        in_scope_products = set(in_scope["product_id"].astype(str).str.strip())
+        backfilled = prev_state["category"].isin(categories) | prev_state["product_id"].isin(in_scope_products)
         gone = prev_state[~in_this_run & listed_now.isna() & backfilled]
         carried = prev_state[~in_this_run & ~(listed_now.isna() & backfilled)].copy()
         moved_out = listed_now[carried.index].notna() & (listed_now[carried.index] != carried["category"])
@@ -439,7 +442,8 @@ def _write_driver_rows(storage: Storage, run_id: str, rejected: pd.DataFrame, ma
     moved_in = moved_in[moved_in["now"] != moved_in["category"]]
     summary.moved = len(moved_in) + (int(moved_out.sum()) if categories else 0)
     if categories:
-        left = set(moved_in["category"]) | set(prev_state.loc[moved_out[moved_out].index, "category"])
+        left = (set(moved_in["category"]) | set(prev_state.loc[moved_out[moved_out].index, "category"])
+                | set(gone["category"]))
         joined = set(carried.loc[moved_out[moved_out].index, "category"])
         summary.index_scope = sorted(set(categories) | left | joined)
     removed = gone.assign(status="removed", checked_at=now, run_id=run_id)
