@@ -348,7 +348,10 @@ class S3Storage(Storage):
         blind overwrite): create a probe object twice; the second write must be refused."""
         if getattr(self, "_conditional_checked", False):
             return
-        self.write_if(probe_key, b"probe", None)
+        try:
+            self.write_if(probe_key, b"probe", None)
+        except WriteConflict:
+            pass  # a first write whose answer was lost, retried by the client and refused: the probe exists
         try:
             self.write_if(probe_key, b"probe", None)
         except WriteConflict:
