@@ -28,7 +28,9 @@ test: setup
 airflow: setup
 	AIRFLOW_HOME=$(CURDIR)/airflow-home AIRFLOW__CORE__DAGS_FOLDER=$(CURDIR)/dags AIRFLOW__CORE__LOAD_EXAMPLES=False \
 	CATALOG_INDEX_WAREHOUSE=$(WAREHOUSE) CATALOG_INDEX_MANIFEST=$(CURDIR)/sample/manifest.csv \
-	$(VENV)/bin/airflow standalone
+	bash -c '$(VENV)/bin/airflow db migrate >/dev/null && \
+	  $(VENV)/bin/airflow pools set catalog_index_publish 1 "catalog-index build_index + publish, both DAGs" >/dev/null && \
+	  exec $(VENV)/bin/airflow standalone'
 
 clean:
 	rm -rf warehouse sample .pytest_cache

@@ -10,6 +10,15 @@ Environment (read when the DAG file is parsed):
   CATALOG_INDEX_SCHEDULE          cron for the nightly run (default "0 2 * * *")
   CATALOG_INDEX_SPARK_CONN_ID     set to a Spark connection id to spark-submit the stages
   CATALOG_INDEX_GPU_POOL          Airflow pool that caps concurrent GPU embedding tasks
+  CATALOG_INDEX_PUBLISH_POOL      single-slot Airflow pool shared by build_index and publish of both DAGs
+                                  (default catalog_index_publish; create it once:
+                                  `airflow pools set catalog_index_publish 1 "catalog-index build+publish"`)
+
+Run ids: `params.run_id` if given, else the DAG run's `run_after` (present for every run, also one
+triggered with no logical date), e.g. 20261123T020000Z, or 20261123T141503.250Z for a manual trigger
+that did not fall on a whole second. Run ids sort in time order; the crawl refuses one older than the
+newest committed run (rewrite_history overrides), and the nightly refuses Airflow backfill runs:
+re-doing categories is the catalog_backfill DAG's job.
 """
 from __future__ import annotations
 
@@ -27,6 +36,10 @@ from pipelines.layout import latest_uri
 REPO = Path(__file__).resolve().parents[1]
 SPARK_CONN_ID = os.environ.get("CATALOG_INDEX_SPARK_CONN_ID")
 GPU_POOL = os.environ.get("CATALOG_INDEX_GPU_POOL", "default_pool")
+# build_index and publish of both DAGs take the one slot in turn, so that a backfill and the nightly do not
+# build on the same live snapshot and then race to publish (publish's compare-and-swap catches what remains).
+PUBLISH_POOL = os.environ.get("CATALOG_INDEX_PUBLISH_POOL", "catalog_index_publish")
+NIGHTLY_DAG_ID, BACKFILL_DAG_ID = "catalog_nightly_reindex", "catalog_backfill"
 DEFAULT_WAREHOUSE = os.environ.get("CATALOG_INDEX_WAREHOUSE", (Path.home() / ".catalog-index" / "warehouse").as_uri())
 # The warehouse's LATEST pointer of the index (the default warehouse's: the asset is fixed when the
 # file is parsed). Each publish emits an event whose extra is {"snapshot_id", "manifest_sha256"};
@@ -39,13 +52,52 @@ STAGE_TIMEOUTS = {"crawl": 4, "dedup": 2, "validate": 1, "embed": 6, "build_inde
                   "publish": 1}
 
 
+def run_id_from_run_after(run_after) -> str:
+    """20261123T020000Z, or 20261123T141503.250Z when run_after is not on a whole second (a manual trigger):
+    two triggers within one second of each other still get two run ids."""
+    run_after = run_after.astimezone(pendulum.UTC)
+    millis = run_after.microsecond // 1000
+    return run_after.strftime("%Y%m%dT%H%M%S") + (f".{millis:03d}Z" if millis else "Z")
+
+
+def catalog_run_id(params: dict, dag_run, dag_id: str) -> str:
+    """The pipeline run id of one DAG run, the same in every task, try and execution mode.
+
+    Raises AirflowFailException for an Airflow backfill run of the nightly: its run ids (logical dates in
+    the past) sort before committed runs, which later stages read as history."""
+    run_type = str(getattr(getattr(dag_run, "run_type", None), "value", getattr(dag_run, "run_type", "")))
+    if dag_id == NIGHTLY_DAG_ID and run_type == "backfill":
+        from airflow.sdk.exceptions import AirflowFailException
+
+        raise AirflowFailException(
+            f"{NIGHTLY_DAG_ID} does not run as an Airflow backfill (run {getattr(dag_run, 'run_id', '?')}): a night in "
+            "the past would sort before runs already committed and rewrite history they depend on. To redo some "
+            f"categories, trigger the {BACKFILL_DAG_ID} DAG with conf {{\"categories\": [...]}}; to rerun the whole "
+            f"catalog now, trigger {NIGHTLY_DAG_ID} without a logical date")
+    if params.get("run_id"):
+        return params["run_id"]
+    run_after = getattr(dag_run, "run_after", None) or getattr(dag_run, "logical_date", None)
+    if run_after is None:
+        raise ValueError(f"DAG run {getattr(dag_run, 'run_id', '?')} has neither run_after nor a logical date: "
+                         "pass conf {\"run_id\": \"20261123T020000Z\"}")
+    return run_id_from_run_after(run_after)
+
+
+def _context_run_id(context) -> str:
+    """The run id for messages: never raises (a failure callback must not fail too)."""
+    try:
+        return catalog_run_id(context.get("params") or {}, context.get("dag_run"), "")
+    except Exception:  # noqa: BLE001
+        return str(getattr(context.get("dag_run"), "run_id", "unknown"))
+
+
 def notify_failure(context) -> None:
     """Failure callback: one line that says which night, which stage, and where to look."""
     ti = context["ti"]
-    run_id = context["params"].get("run_id") or context["ts_nodash"] + "Z"
+    run_id = _context_run_id(context)
     log.error("catalog-index %s failed at %s (try %s). Run report: %s/reports/%s/report.html. "
               "Fix and clear the task to resume: finished Spark tasks are not redone.",
-              ti.dag_id, ti.task_id, ti.try_number, context["params"]["warehouse"], run_id)
+              ti.dag_id, ti.task_id, ti.try_number, (context.get("params") or {}).get("warehouse"), run_id)
 
 
 DEFAULT_ARGS = {
@@ -71,7 +123,8 @@ def run_stage_in_process(stage: str, params: dict, run_id: str) -> dict:
 
     settings = load_settings(**_settings_overrides(params))
     ctx = RunContext(settings, run_id, manifest=params.get("manifest"), categories=params.get("categories") or None,
-                     force=params["force"], spark=lambda: get_spark(settings, f"catalog-index {stage} {run_id}"))
+                     force=params["force"], rewrite_history=params.get("rewrite_history", False),
+                     spark=lambda: get_spark(settings, f"catalog-index {stage} {run_id}"))
     try:
         result = run_stage(stage, ctx)
     except PipelineStopped as exc:
@@ -107,6 +160,8 @@ def stage_argv(stage: str, params: dict, run_id: str) -> list[str]:
         argv += ["--manifest", params["manifest"]]
         if params.get("allow_private_hosts"):
             argv.append("--allow-private-hosts")
+        if params.get("rewrite_history"):
+            argv.append("--rewrite-history")
     if stage in ("crawl", "build_index") and categories:
         argv += ["--categories", *categories]
     if stage in VALIDATE_STAGES:
@@ -137,7 +192,7 @@ if SPARK_CONN_ID:
             return result
 
 
-RUN_ID_TEMPLATE = "params.run_id or ts_nodash ~ 'Z'"
+RUN_ID_TEMPLATE = "catalog_run_id(params, dag_run, dag.dag_id)"
 
 
 def _stage_task(stage: str, dag_id: str, **kwargs):
@@ -153,7 +208,7 @@ def _stage_task(stage: str, dag_id: str, **kwargs):
     @task(task_id=stage, execution_timeout=timeout, **kwargs)
     def run(**context):
         params = context["params"]
-        result = run_stage_in_process(stage, params, params.get("run_id") or context["ts_nodash"] + "Z")
+        result = run_stage_in_process(stage, params, catalog_run_id(params, context["dag_run"], dag_id))
         if stage == "publish":
             announce_snapshot(context)
         return result
@@ -163,8 +218,9 @@ def _stage_task(stage: str, dag_id: str, **kwargs):
 
 def _pipeline(dag_id: str) -> None:
     tasks = [_stage_task("crawl", dag_id), _stage_task("dedup", dag_id), _stage_task("validate", dag_id),
-             _stage_task("embed", dag_id, pool=GPU_POOL), _stage_task("build_index", dag_id),
-             _stage_task("validate_index", dag_id), _stage_task("publish", dag_id, outlets=[SNAPSHOT_ASSET])]
+             _stage_task("embed", dag_id, pool=GPU_POOL), _stage_task("build_index", dag_id, pool=PUBLISH_POOL),
+             _stage_task("validate_index", dag_id),
+             _stage_task("publish", dag_id, pool=PUBLISH_POOL, outlets=[SNAPSHOT_ASSET])]
     for upstream, downstream in zip(tasks, tasks[1:]):
         upstream >> downstream
 
@@ -174,13 +230,18 @@ COMMON_PARAMS = {
     "manifest": Param(os.environ.get("CATALOG_INDEX_MANIFEST", str(REPO / "sample" / "manifest.csv")),
                       type="string", minLength=1,
                       description="catalog manifest URI (.csv/.parquet/.jsonl; path, http(s)://, s3://)"),
-    "run_id": Param(None, type=["null", "string"], description="default: the logical time, e.g. 20261123T020000Z"),
+    "run_id": Param(None, type=["null", "string"], pattern=r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}$",
+                    description="default: the run's run_after time, e.g. 20261123T020000Z (also for a run triggered "
+                                "with no logical date); must not sort before the newest committed run"),
+    "rewrite_history": Param(False, type="boolean",
+                             description="allow a run id older than the newest committed run (reruns an old night; "
+                                         "image bytes that later runs reference are kept)"),
     "allow_private_hosts": Param(False, type="boolean", description="allow image URLs on private addresses"),
     "force": Param(False, type="boolean", description="publish even if a validation gate trips (recorded)"),
 }
 
 with DAG(
-    dag_id="catalog_nightly_reindex",
+    dag_id=NIGHTLY_DAG_ID,
     description="crawl -> dedup -> validate -> embed -> build index -> validate index -> publish",
     schedule=os.environ.get("CATALOG_INDEX_SCHEDULE", "0 2 * * *"),
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
@@ -191,12 +252,12 @@ with DAG(
     params={**COMMON_PARAMS, "categories": Param([], type="array", description="empty: every category")},
     tags=["catalog-index"],
     doc_md=__doc__,
-    user_defined_macros={"stage_argv": stage_argv},
+    user_defined_macros={"stage_argv": stage_argv, "catalog_run_id": catalog_run_id},
 ) as nightly:
-    _pipeline("catalog_nightly_reindex")
+    _pipeline(NIGHTLY_DAG_ID)
 
 with DAG(
-    dag_id="catalog_backfill",
+    dag_id=BACKFILL_DAG_ID,
     description="rerun the pipeline for some categories; other categories' shards stay byte-identical",
     schedule=None,
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
@@ -207,6 +268,6 @@ with DAG(
                                                  description="categories to backfill (required)")},
     tags=["catalog-index"],
     doc_md=__doc__,
-    user_defined_macros={"stage_argv": stage_argv},
+    user_defined_macros={"stage_argv": stage_argv, "catalog_run_id": catalog_run_id},
 ) as backfill:
-    _pipeline("catalog_backfill")
+    _pipeline(BACKFILL_DAG_ID)

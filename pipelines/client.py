@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import json
 import os
 import secrets
 import shutil
@@ -40,8 +39,8 @@ from pipelines.config import S3Settings
 from pipelines.layout import snapshot_prefix
 from pipelines.search import (VERIFIED_MARKER, Hit, OpenSnapshot, QueryResult, SnapshotError,  # noqa: F401
                               locally_verified as _locally_verified)
-from pipelines.snapshot import (MANIFEST_FILE, MODEL_PCA_PATH, SnapshotVerificationError, read_latest,
-                                sha256_of_file, validate_manifest)
+from pipelines.snapshot import (MANIFEST_FILE, MODEL_PCA_PATH, SnapshotVerificationError,
+                                check_index_name, contained_path, parse_manifest, read_latest, sha256_of_file)
 from pipelines.storage import StorageError, open_storage, read_uri_bytes
 
 # ------------------------------------------------------------------------------------------
@@ -83,8 +82,9 @@ def pull(warehouse: str, dest: str | os.PathLike, *, s3: S3Settings | None = Non
     sha256 differs from the manifest, or the manifest from the sha256 recorded in LATEST.
     """
     dest = Path(dest).expanduser().resolve()
+    check_index_name(index_name, "--index-name")
     storage = open_storage(warehouse, s3)
-    pointer = read_latest(storage, index_name)
+    pointer = read_latest(storage, index_name)  # the id is checked there: it becomes a local directory name
     if pointer is None:
         raise SnapshotError(f"index {index_name!r} has no published snapshot in {warehouse} (no LATEST): "
                             "run build-index and publish first")
@@ -93,7 +93,7 @@ def pull(warehouse: str, dest: str | os.PathLike, *, s3: S3Settings | None = Non
     snapshots = dest / "snapshots"
     with _pull_lock(dest):
         previous = current_snapshot_id(dest)
-        final = snapshots / snapshot_id
+        final = contained_path(snapshots, snapshot_id)
         if previous == snapshot_id and _locally_verified(final, expected_manifest_sha):
             return PullResult(snapshot_id, final, False, previous)
         if not _locally_verified(final, expected_manifest_sha):
@@ -114,13 +114,13 @@ def _download_verified(storage, index_name: str, snapshot_id: str, expected_mani
     if expected_manifest_sha and hashlib.sha256(manifest_data).hexdigest() != expected_manifest_sha:
         raise SnapshotVerificationError(f"manifest of {snapshot_id} does not match the sha256 in LATEST; "
                                         "refusing the snapshot", [MANIFEST_FILE])
-    manifest = validate_manifest(json.loads(manifest_data), f"{storage.uri_for(prefix + MANIFEST_FILE)}")
+    manifest = parse_manifest(manifest_data, storage.uri_for(prefix + MANIFEST_FILE), index_name, snapshot_id)
     snapshots.mkdir(parents=True, exist_ok=True)
     staging = snapshots / f".partial-{snapshot_id}-{secrets.token_hex(4)}"
     try:
         bad = []
         for record in manifest["files"]:
-            local = staging / record["path"]
+            local = contained_path(staging, record["path"])
             try:
                 storage.download_file(prefix + record["path"], local)
             except StorageError as exc:
@@ -137,7 +137,7 @@ def _download_verified(storage, index_name: str, snapshot_id: str, expected_mani
                 bad)
         (staging / MANIFEST_FILE).write_bytes(manifest_data)
         (staging / VERIFIED_MARKER).write_text(hashlib.sha256(manifest_data).hexdigest() + "\n")
-        final = snapshots / snapshot_id
+        final = contained_path(snapshots, snapshot_id)
         if final.exists():  # an unverified leftover of an interrupted copy
             shutil.rmtree(final)
         os.rename(staging, final)

@@ -39,6 +39,11 @@ class S3Settings(_Section):
     max_attempts: int = Field(8, ge=1, description="botocore retry attempts (standard mode).")
     multipart_threshold_mb: int = Field(64, ge=5, description="Objects above this are uploaded in parts.")
     multipart_chunk_mb: int = Field(16, ge=5)
+    checksums: Literal["when_required", "when_supported"] = Field(
+        "when_required", description="boto3's request_checksum_calculation and response_checksum_validation. "
+        "'when_supported' (boto3's default since 2025) sends CRC checksum headers on every upload, which several "
+        "S3-compatible stores reject or mangle; 'when_required' sends them only where S3 requires them. Files are "
+        "verified by their sha256 either way.")
 
 
 class SparkSettings(_Section):
@@ -157,6 +162,10 @@ class IndexSettings(_Section):
     min_recall: float = Field(0.90, ge=0, le=1, description="recall@10 below this stops the run before publish")
     recall_queries: int = Field(500, ge=10, description="held-out vectors for tuning and for the recall check")
     keep_snapshots: int = Field(5, ge=1, description="published snapshots kept (plus whatever LATEST points to)")
+    retention_grace_hours: float = Field(
+        24.0, ge=0, description="retention never deletes an unpublished snapshot directory (a build that may still "
+                                "be uploading) younger than this, nor a snapshot held by a publish or rollback for "
+                                "less than this; longer than the longest build-index (its task times out at 3 h)")
     use_gpu: bool = Field(True, description="train/add IVF indexes on GPUs when faiss-gpu sees one")
     reuse_unchanged_shards: bool = Field(
         True, description="a full build copies, byte for byte, every shard of the live snapshot whose categories "

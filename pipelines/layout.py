@@ -186,6 +186,23 @@ def staging_members_key(staging_prefix: str, shard_id: str) -> str:
 
 def routed_vectors_key(staging_prefix: str, shard_id: str, route_task: int) -> str:
     return f"{staging_prefix}vectors/{shard_id}/route-{route_task:05d}.parquet"
+def holds_prefix(name: str) -> str:
+    """indexes/<name>/_holds/: one small file per snapshot a publish or rollback is working on;
+    retention keeps a held snapshot. Not a snapshot directory (ids never start with '_')."""
+    return f"indexes/{name}/_holds/"
+
+
+def hold_key(name: str, snapshot_id: str, token: str) -> str:
+    return f"{holds_prefix(name)}{snapshot_id}--{token}.json"
+
+
+def retiring_key(name: str, snapshot_id: str) -> str:
+    """Written by retention before it deletes a snapshot; a rollback or publish that finds it backs off."""
+    return f"indexes/{name}/{snapshot_id}/_retiring.json"
+
+
+def cas_probe_key(name: str, token: str) -> str:
+    return f"indexes/{name}/_holds/probe-{token}"
 
 
 # --- validation and reports -----------------------------------------------------------

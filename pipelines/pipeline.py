@@ -22,7 +22,8 @@ from pipelines.dedup import run_dedup
 from pipelines.embed import run_embed, spec_from_settings
 from pipelines.errors import StageRefused, UsageError
 from pipelines.index import build_index, index_settings_from
-from pipelines.publish import publish_snapshot
+from pipelines.publish import holding_live_snapshot, publish_snapshot
+from pipelines.readers import backfill_index_scope, require_committed_dedup
 from pipelines.report import build_report, search_samples_or_note, snapshot_summary
 from pipelines.search import OpenSnapshot
 from pipelines.snapshot import SnapshotVerificationError, read_latest
@@ -47,6 +48,7 @@ class RunContext:
     manifest: str | None = None
     categories: list[str] | None = None
     force: bool = False
+    rewrite_history: bool = False  # allow a run id older than the newest committed run (crawl refuses it otherwise)
     runner: str = "spark"
     spark: Any = None            # a SparkSession or a factory for one
     results: dict[str, Any] = field(default_factory=dict)
@@ -63,7 +65,7 @@ def _crawl(ctx: RunContext):
     if not ctx.manifest:
         raise UsageError("the crawl stage needs a manifest (--manifest)")
     return run_crawl(ctx.settings, ctx.manifest, ctx.run_id, categories=ctx.categories, runner=ctx.runner,
-                     spark=ctx.spark)
+                     spark=ctx.spark, rewrite_history=ctx.rewrite_history)
 
 
 def _dedup(ctx: RunContext):
@@ -79,8 +81,12 @@ def _embed(ctx: RunContext):
 
 
 def _build_index(ctx: RunContext):
-    return build_index(ctx.settings, ctx.run_id, model=spec_from_settings(ctx.settings.embed),
-                       categories=ctx.categories, runner=ctx.runner, spark=ctx.spark)
+    storage = open_storage(ctx.settings.warehouse, ctx.settings.s3)
+    require_committed_dedup(storage, ctx.run_id)
+    with holding_live_snapshot(storage, index_settings_from(ctx.settings).name):  # its shards may be copied
+        return build_index(ctx.settings, ctx.run_id, model=spec_from_settings(ctx.settings.embed),
+                           categories=backfill_index_scope(storage, ctx.run_id, ctx.categories), runner=ctx.runner,
+                           spark=ctx.spark)
 
 
 def _publish(ctx: RunContext):
@@ -88,7 +94,7 @@ def _publish(ctx: RunContext):
     build = ctx.results.get("build_index")
     return publish_snapshot(open_storage(ctx.settings.warehouse, ctx.settings.s3), cfg.name,
                             snapshot_id=getattr(build, "snapshot_id", None), run_id=ctx.run_id,
-                            keep_snapshots=cfg.keep_snapshots)
+                            keep_snapshots=cfg.keep_snapshots, retention_grace_hours=cfg.retention_grace_hours)
 
 
 STAGE_FUNCTIONS: dict[str, Callable[[RunContext], Any]] = {

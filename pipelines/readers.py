@@ -6,6 +6,8 @@ the same way. They never write, and never import a stage package.
 """
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 
 from pipelines import layout
@@ -75,6 +77,30 @@ def committed_dedup_runs(storage: Storage) -> list[str]:
 def previous_dedup_run(storage: Storage, run_id: str) -> str | None:
     earlier = [r for r in committed_dedup_runs(storage) if r < run_id]
     return max(earlier) if earlier else None
+
+
+def require_committed_dedup(storage: Storage, run_id: str | None) -> str:
+    """`run_id` if its dedup output is committed (default: the newest committed dedup run); else NotCommitted.
+    build-index reads dedup output: a half-written one (a killed dedup) must never be indexed."""
+    if run_id is None:
+        runs = committed_dedup_runs(storage)
+        if not runs:
+            raise NotCommitted(f"no committed dedup run in {storage.uri}: run `catalog-index dedup --run-id ID` first")
+        return max(runs)
+    if not storage.exists(layout.dedup_success_key(run_id)):
+        raise NotCommitted(f"dedup run {run_id} is not committed in {storage.uri} (no {layout.dedup_success_key(run_id)}): "
+                           f"run `catalog-index dedup --run-id {run_id}` first")
+    return run_id
+
+
+def backfill_index_scope(storage: Storage, run_id: str, categories: list[str] | None) -> list[str] | None:
+    """The categories a backfill's index must rebuild: its own, plus those that its moved products left or
+    joined (the crawl summary's `index_scope`), so a moved product is found in its new category only."""
+    if not categories:
+        return categories
+    key = layout.crawl_success_key(run_id)
+    scope = json.loads(storage.read_text(key)).get("index_scope") if storage.exists(key) else None
+    return sorted(set(categories) | set(scope or []))
 
 
 def read_dedup_images(storage: Storage, run_id: str) -> pd.DataFrame:

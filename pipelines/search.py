@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from pipelines.errors import UsageError
-from pipelines.snapshot import (MANIFEST_FILE, SnapshotVerificationError, apply_search_params, sha256_of_file,
-                                validate_manifest)
+from pipelines.snapshot import (MANIFEST_FILE, SnapshotVerificationError, apply_search_params, contained_path,
+                                sha256_of_file, validate_manifest)
 
 VERIFIED_MARKER = ".verified"   # written by `pull` beside a snapshot it verified: the manifest's sha256
 
@@ -87,7 +87,7 @@ class _Shard:
         self.entry = entry
         self.shard_id = entry["shard_id"]
         self.categories = set(entry["categories"])
-        index_path = _inside(root, entry["files"]["index"]["path"])
+        index_path = contained_path(root, entry["files"]["index"]["path"])
         # IO_FLAG_MMAP_IFC maps flat codes and inverted lists of every index type we build: the
         # file's pages are shared with the page cache, so opening costs no copy and two snapshots
         # side by side during a swap cost no second copy of RAM.
@@ -104,7 +104,7 @@ class _Shard:
         self.params = dict(entry.get("search_params") or {})
         apply_search_params(self.index, self.params)
         self.kind = entry["index_type"]
-        table = pq.read_table(_inside(root, entry["files"]["idmap"]["path"]), columns=["vector_id", *IDMAP_COLUMNS],
+        table = pq.read_table(contained_path(root, entry["files"]["idmap"]["path"]), columns=["vector_id", *IDMAP_COLUMNS],
                               memory_map=mmap)
         if table.num_rows != entry["idmap_rows"]:
             raise SnapshotError(f"shard {self.shard_id}: the id map has {table.num_rows} rows, the manifest says "
@@ -196,15 +196,6 @@ class _Shard:
         return self.index.reconstruct(vector_id).astype(np.float32)
 
 
-def _inside(root: Path, relative: str) -> Path:
-    """A manifest path resolved under the snapshot directory, never outside it (the schema allows
-    only shards/, idmaps/ and model/ names, but a reader trusts no path it did not check)."""
-    path = (root / relative).resolve()
-    if not path.is_relative_to(root.resolve()):
-        raise SnapshotError(f"manifest path {relative!r} leaves the snapshot directory {root}")
-    return path
-
-
 def _short(text: str, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit] + "…"
 
@@ -251,7 +242,7 @@ class OpenSnapshot:
     def _check_files(self, verify: bool) -> None:
         bad = []
         for record in self.manifest["files"]:
-            local = _inside(self.root, record["path"])
+            local = contained_path(self.root, record["path"])
             if not local.is_file():
                 bad.append(f"{record['path']} (missing)")
             elif local.stat().st_size != record["bytes"]:

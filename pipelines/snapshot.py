@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from functools import lru_cache
 from pathlib import Path
@@ -46,6 +47,11 @@ class ManifestInvalid(UsageError):
     """manifest.json does not follow the snapshot manifest schema."""
 
 
+class PointerInvalid(VerificationFailed):
+    """What the warehouse says (LATEST, a manifest) names a snapshot or index this reader will not
+    trust: an id outside the schema's pattern, or a manifest of another snapshot. Never serve it."""
+
+
 # ------------------------------------------------------------------------------------------
 # manifest schema
 # ------------------------------------------------------------------------------------------
@@ -72,6 +78,45 @@ def validate_manifest(manifest: dict, where: str = "manifest") -> dict:
     return manifest
 
 
+def _schema_pattern(*path: str) -> re.Pattern:
+    node = manifest_schema()["properties"]
+    for name in path[:-1]:
+        node = node[name]["properties"]
+    return re.compile(node[path[-1]]["pattern"])
+
+
+@lru_cache(maxsize=1)
+def snapshot_id_pattern() -> re.Pattern:
+    return _schema_pattern("snapshot_id")
+
+
+@lru_cache(maxsize=1)
+def index_name_pattern() -> re.Pattern:
+    return _schema_pattern("index_name")
+
+
+def is_snapshot_id(value) -> bool:
+    """True for a string the manifest schema accepts as a snapshot id (`20261123T031500.123Z-1a2b`):
+    one plain path segment, never `..`, `/x` or an empty name."""
+    return isinstance(value, str) and bool(snapshot_id_pattern().fullmatch(value))
+
+
+def check_snapshot_id(value, where: str, error: type[Exception] = PointerInvalid) -> str:
+    """`value` if it is a valid snapshot id; else `error` saying where it came from. Ids read from the
+    warehouse are paths on every serving host: nothing else may ever be joined to a directory."""
+    if not is_snapshot_id(value):
+        raise error(f"{where} names snapshot {str(value)[:80]!r}, which is not a snapshot id "
+                    f"(pattern {snapshot_id_pattern().pattern}); refusing it. "
+                    "`catalog-index snapshots` lists the real ones; `catalog-index rollback --to ID` repoints LATEST")
+    return value
+
+
+def check_index_name(value, where: str = "index name", error: type[Exception] = UsageError) -> str:
+    if not (isinstance(value, str) and index_name_pattern().fullmatch(value)):
+        raise error(f"{where} {str(value)[:80]!r} is not a valid index name (pattern {index_name_pattern().pattern})")
+    return value
+
+
 def manifest_bytes(manifest: dict) -> bytes:
     return (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode("utf-8")
 
@@ -80,23 +125,39 @@ def manifest_bytes(manifest: dict) -> bytes:
 # reading the warehouse
 # ------------------------------------------------------------------------------------------
 
-def read_latest(storage: Storage, index_name: str) -> dict | None:
-    """{snapshot_id, manifest_sha256, updated_at, action} from LATEST, or None before the first publish."""
-    key = latest_key(index_name)
-    if not storage.exists(key):
-        return None
-    text = storage.read_text(key).strip()
+def parse_latest(text: str, where: str) -> dict:
+    """The pointer held by a LATEST object, checked: a valid snapshot id, a sha256 if any."""
+    text = text.strip()
     try:
         pointer = json.loads(text)
     except json.JSONDecodeError:
         pointer = {"snapshot_id": text}  # a hand-written pointer holding just the id
     if not isinstance(pointer, dict) or not pointer.get("snapshot_id"):
-        raise PublishError(f"{storage.uri_for(key)} does not name a snapshot ({text[:80]!r}): "
-                           "point it at a snapshot with `catalog-index rollback --to ID`")
+        raise PointerInvalid(f"{where} does not name a snapshot ({text[:80]!r}): "
+                             "point it at a snapshot with `catalog-index rollback --to ID`")
+    check_snapshot_id(pointer["snapshot_id"], where)
+    sha = pointer.get("manifest_sha256")
+    if sha is not None and not (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha)):
+        raise PointerInvalid(f"{where} holds a malformed manifest_sha256 ({str(sha)[:80]!r}): "
+                             "repoint it with `catalog-index rollback --to ID`")
     return pointer
 
 
+def read_latest(storage: Storage, index_name: str) -> dict | None:
+    """{snapshot_id, manifest_sha256, updated_at, action} from LATEST, or None before the first publish.
+
+    Raises PointerInvalid when LATEST does not name a valid snapshot id."""
+    check_index_name(index_name)
+    key = latest_key(index_name)
+    if not storage.exists(key):
+        return None
+    return parse_latest(storage.read_text(key), storage.uri_for(key))
+
+
 def read_manifest(storage: Storage, index_name: str, snapshot_id: str, expected_sha256: str | None = None) -> dict:
+    """The validated manifest of one snapshot; it must describe that snapshot of that index."""
+    check_index_name(index_name)
+    check_snapshot_id(snapshot_id, f"a request for index {index_name!r}", PublishError)
     key = snapshot_prefix(index_name, snapshot_id) + MANIFEST_FILE
     try:
         data = storage.read_bytes(key)
@@ -106,10 +167,25 @@ def read_manifest(storage: Storage, index_name: str, snapshot_id: str, expected_
     if expected_sha256 and hashlib.sha256(data).hexdigest() != expected_sha256:
         raise SnapshotVerificationError(f"{storage.uri_for(key)} does not match the sha256 recorded in LATEST: "
                                         "the manifest was changed after publishing; do not serve it", [MANIFEST_FILE])
-    return validate_manifest(json.loads(data), storage.uri_for(key))
+    return parse_manifest(data, storage.uri_for(key), index_name, snapshot_id)
+
+
+def parse_manifest(data: bytes, where: str, index_name: str, snapshot_id: str) -> dict:
+    """Validate manifest bytes against the schema and against the snapshot they were found under."""
+    try:
+        manifest = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ManifestInvalid(f"{where} is not JSON ({exc})") from exc
+    validate_manifest(manifest, where)
+    if manifest["snapshot_id"] != snapshot_id or manifest["index_name"] != index_name:
+        raise PointerInvalid(f"{where} describes snapshot {manifest['snapshot_id']!r} of index "
+                             f"{manifest['index_name']!r}, not {snapshot_id!r} of {index_name!r}: a manifest was copied "
+                             "or written under the wrong name; do not serve it")
+    return manifest
 
 
 def read_build(storage: Storage, index_name: str, snapshot_id: str) -> dict:
+    check_snapshot_id(snapshot_id, "--snapshot-id", PublishError)
     key = snapshot_prefix(index_name, snapshot_id) + BUILD_FILE
     if not storage.exists(key):
         raise PublishError(f"{storage.uri_for(key)} does not exist: snapshot {snapshot_id} was never built "
@@ -179,3 +255,13 @@ def apply_search_params(index, params: dict[str, int]) -> None:
         faiss.extract_index_ivf(index).nprobe = int(params["nprobe"])
     if "efSearch" in params:
         faiss.downcast_index(index).hnsw.efSearch = int(params["efSearch"])
+
+
+def contained_path(root: Path, relative: str) -> Path:
+    """`root / relative`, refused unless it stays strictly under `root`: every path a pull writes or a
+    client opens comes from a manifest, which is warehouse content, not ours."""
+    root = Path(root).resolve()
+    path = (root / relative).resolve()
+    if path == root or root not in path.parents:
+        raise PointerInvalid(f"manifest path {relative!r} leaves the snapshot directory {root}; refusing the snapshot")
+    return path

@@ -7,9 +7,15 @@ Keys are '/'-separated paths relative to the warehouse root (`runs/<id>/manifest
 
 This module must never hold state that cannot be pickled into a Spark task: a Storage is
 rebuilt from (uri, S3Settings) and opens its boto3 client lazily.
+
+The module is longer than 500 lines because it holds both backends side by side (local and S3),
+whose conditional writes, fsync and error mapping must keep one meaning; a third backend would be
+the time to give each its own module.
 """
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import io
 import os
 import shutil
@@ -22,13 +28,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.config import S3Settings
-from pipelines.errors import UsageError
 from pipelines.address_policy import AddressPolicy
+from pipelines.errors import CatalogIndexError, UsageError
 from pipelines.guarded_http import GuardedClient, HttpFailure, short
 
 
 class StorageError(UsageError, RuntimeError):
     """A warehouse operation failed; the message names the URI and what to check."""
+
+
+class WriteConflict(CatalogIndexError):
+    """A conditional write found the object changed (or present, or gone) since it was read:
+    someone else wrote it first. Nothing was written."""
+
+    exit_code = 1
 
 
 class Storage:
@@ -46,6 +59,17 @@ class Storage:
     def delete(self, key: str) -> None: raise NotImplementedError
     def upload_file(self, local_path: str | os.PathLike, key: str) -> None: raise NotImplementedError
     def download_file(self, key: str, local_path: str | os.PathLike) -> None: raise NotImplementedError
+
+    # -- compare-and-swap (LATEST, manifests, leases) ----------------------------------
+    def read_versioned(self, key: str) -> tuple[bytes, str] | None:
+        """(content, version tag) of one object, or None when it does not exist. The tag changes
+        whenever the object is replaced; `write_if` compares against it."""
+        raise NotImplementedError
+
+    def write_if(self, key: str, data: bytes, version: str | None) -> None:
+        """Write `data` only if the object still has `version` (None: only if it does not exist);
+        otherwise raise WriteConflict and write nothing. Atomic against every other `write_if`."""
+        raise NotImplementedError
 
     # -- shared helpers ---------------------------------------------------------------
     def uri_for(self, key: str) -> str:
@@ -106,6 +130,14 @@ def _current_umask() -> int:
 _FILE_MODE = 0o666 & ~_current_umask()
 
 
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class LocalStorage(Storage):
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root).expanduser().resolve()
@@ -124,18 +156,52 @@ class LocalStorage(Storage):
             raise StorageError(f"{self.uri_for(key)} does not exist") from exc
 
     def write_bytes(self, key: str, data: bytes) -> None:
-        # Write-then-rename: a reader never sees half a file, a killed writer leaves no file.
-        path = self._path(key)
+        self._replace(self._path(key), lambda fh: fh.write(data))
+
+    def _replace(self, path: Path, write) -> None:
+        """Write-then-rename: a reader never sees half a file, a killed writer leaves no file. The file
+        and then its directory are fsynced, so that once this returns the file survives a power loss, and a
+        commit marker written after its data (the rule of every stage) never names data that was lost."""
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
+                write(fh)
                 os.fchmod(fh.fileno(), _FILE_MODE)
+                fh.flush()
+                os.fsync(fh.fileno())
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        _fsync_dir(path.parent)
+
+    def read_versioned(self, key: str) -> tuple[bytes, str] | None:
+        try:
+            with open(self._path(key), "rb") as fh:
+                data = fh.read()
+                inode = os.fstat(fh.fileno()).st_ino
+        except FileNotFoundError:
+            return None
+        # A write replaces the file (new inode) and the digest names the content: equal tags, same object.
+        return data, f"{inode}:{hashlib.sha256(data).hexdigest()}"
+
+    def write_if(self, key: str, data: bytes, version: str | None) -> None:
+        # An exclusive lock (flock: released by the kernel if the holder is killed) around read-compare-
+        # rename makes this a compare-and-swap for every process on this machine; the lock file is hidden
+        # from list() by its leading dot.
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = os.open(path.parent / f".{path.name}.lock", os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            current = self.read_versioned(key)
+            if (current[1] if current else None) != version:
+                raise WriteConflict(f"{self.uri_for(key)} changed since it was read "
+                                    f"({'now absent' if current is None else 'replaced'}); nothing written")
+            self.write_bytes(key, data)
+        finally:
+            os.close(lock)  # closing the descriptor releases the lock
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
@@ -183,17 +249,11 @@ class LocalStorage(Storage):
 
     def upload_file(self, local_path, key: str) -> None:
         # Streamed, not read into memory: shard files are GBs. Same write-then-rename as write_bytes.
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh, open(local_path, "rb") as source:
+        def copy(fh):
+            with open(local_path, "rb") as source:
                 shutil.copyfileobj(source, fh, 16 << 20)
-                os.fchmod(fh.fileno(), _FILE_MODE)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+
+        self._replace(self._path(key), copy)
 
     def open_input(self, key: str) -> BinaryIO:
         try:
@@ -227,7 +287,9 @@ class S3Storage(Storage):
 
             config = Config(retries={"max_attempts": self.settings.max_attempts, "mode": "standard"},
                             s3={"addressing_style": "path"} if self.settings.endpoint_url else None,
-                            max_pool_connections=32)
+                            max_pool_connections=32,
+                            request_checksum_calculation=self.settings.checksums,
+                            response_checksum_validation=self.settings.checksums)
             self._client = boto3.session.Session().client(
                 "s3", endpoint_url=self.settings.endpoint_url, region_name=self.settings.region, config=config)
         return self._client
@@ -255,6 +317,57 @@ class S3Storage(Storage):
         # S3 PUTs are atomic per object: readers see the old object or the new one.
         with self._errors("write", key):
             self.client.upload_fileobj(io.BytesIO(data), self.bucket, self._key(key), Config=self._transfer_config)
+
+    def read_versioned(self, key: str) -> tuple[bytes, str] | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            with self._errors("read", key):
+                response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+                return response["Body"].read(), response["ETag"]
+        except StorageError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, ClientError) and _error_code(cause) in ("NoSuchKey", "404", "NotFound"):
+                return None
+            raise
+
+    def write_if(self, key: str, data: bytes, version: str | None) -> None:
+        """S3 conditional write: `If-Match: <ETag>` to replace, `If-None-Match: *` to create. The store
+        must honour them (AWS S3 since 2024, MinIO, SeaweedFS >= 3.97); `check_conditional_writes` tells."""
+        from botocore.exceptions import ClientError
+
+        condition = {"IfMatch": version} if version is not None else {"IfNoneMatch": "*"}
+        try:
+            with self._errors("write", key):
+                self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, **condition)
+        except StorageError as exc:
+            cause = exc.__cause__
+            # 412: the condition failed; 409: a concurrent conditional write won; 404 on If-Match: deleted meanwhile.
+            if isinstance(cause, ClientError) and _error_code(cause) in (
+                    "PreconditionFailed", "412", "ConditionalRequestConflict", "409", "NoSuchKey", "404"):
+                raise WriteConflict(f"{self.uri_for(key)} changed since it was read ({_error_code(cause)}); "
+                                    "nothing written") from exc
+            raise
+
+    def check_conditional_writes(self, probe_key: str) -> None:
+        """Refuse a store that silently ignores If-None-Match (it would turn every compare-and-swap into a
+        blind overwrite): create a probe object twice; the second write must be refused."""
+        if getattr(self, "_conditional_checked", False):
+            return
+        try:
+            self.write_if(probe_key, b"probe", None)
+        except WriteConflict:
+            pass  # a first write whose answer was lost, retried by the client and refused: the probe exists
+        try:
+            self.write_if(probe_key, b"probe", None)
+        except WriteConflict:
+            self._conditional_checked = True
+            return
+        finally:
+            self.delete(probe_key)
+        raise StorageError(f"the S3 store at {self.settings.endpoint_url or 'AWS'} ignores conditional writes "
+                           "(If-None-Match: *): LATEST cannot be moved safely there. Use a store that supports "
+                           "them (AWS S3, MinIO, SeaweedFS >= 3.97)")
 
     def exists(self, key: str) -> bool:
         from botocore.exceptions import ClientError
@@ -349,6 +462,10 @@ class _S3RangeReader(io.RawIOBase):
         buffer[:len(data)] = data
         self.position += len(data)
         return len(data)
+
+
+def _error_code(exc) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
 
 
 class _S3ErrorContext:

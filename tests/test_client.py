@@ -199,6 +199,7 @@ def test_search_cli_embeds_query_images_and_prints_json_lines(tmp_path, capsys):
              "sha256": f"{i:064x}", "cluster_id": f"{i:064x}", "canonical_sha256": f"{i:064x}",
              "is_canonical": True, "duplicate_kind": "none", "run_id": "r1"} for i, (category, path) in enumerate(images)]
     storage.write_table("dedup/r1/images.parquet", pa.Table.from_pylist(rows, schema=DEDUP_IMAGES))
+    storage.write_text("dedup/r1/_SUCCESS.json", "{}")  # build-index indexes committed dedup output only
     storage.write_table(f"embeddings/{version}/part-00000.parquet", pa.Table.from_pylist(
         [{"sha256": sha, "vector": vector.tolist(), "model_version": version, "run_id": "r1"}
          for sha, vector in vectors.items()], schema=EMBEDDINGS))

@@ -7,6 +7,7 @@ import importlib
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -80,13 +81,18 @@ def spark_submit_dags(dagbag, monkeypatch):
     return module
 
 
-def _render(dag, conf: dict, ts_nodash: str) -> dict:
-    """Each task's rendered spark-submit: {task_id: (job file, [parsed catalog-index args, ...])}."""
+def _render(dag, conf: dict, run_after: str) -> dict:
+    """Each task's rendered spark-submit: {task_id: (job file, [parsed catalog-index args, ...])}, for a run
+    with no logical date (what `airflow dags trigger` without --logical-date creates)."""
+    import pendulum
+
     params = copy.deepcopy(dag.params)
     params.update(conf)
-    context = {"params": params.validate(), "ts_nodash": ts_nodash}
+    dag_run = SimpleNamespace(run_id="manual__" + run_after, run_type="manual", logical_date=None,
+                              run_after=pendulum.parse(run_after))
+    context = {"params": params.validate(), "dag_run": dag_run, "dag": dag}
     rendered = {}
-    for task in dag.tasks:
+    for task in map(copy.copy, dag.tasks):  # rendering sets attributes: keep the DAG's tasks as parsed
         assert type(task).__name__ == "StageSubmitOperator" and task._conn_id == "spark_cluster"
         assert Path(task.application).is_file() and Path(task.properties_file).is_file()
         task.render_template_fields(context)
@@ -99,7 +105,7 @@ def _render(dag, conf: dict, ts_nodash: str) -> dict:
 def test_spark_submit_tasks_pass_what_the_in_process_tasks_get(spark_submit_dags):
     conf = {"warehouse": "s3://search/warehouse", "manifest": "s3://feeds/catalog.csv",
             "categories": ["food", "office supplies"], "force": True, "allow_private_hosts": True}
-    tasks = _render(spark_submit_dags.backfill, conf, "20261124T020000")
+    tasks = _render(spark_submit_dags.backfill, conf, "2026-11-24T02:00:00+00:00")
     assert {task_id: job for task_id, (job, _) in tasks.items()} == {
         "crawl": "crawl.py", "dedup": "dedup.py", "validate": "validate.py", "embed": "embed.py",
         "build_index": "build_index.py", "validate_index": "validate.py", "publish": "publish.py"}
@@ -118,25 +124,34 @@ def test_spark_submit_tasks_pass_what_the_in_process_tasks_get(spark_submit_dags
     assert [a.command for a in tasks["dedup"][1] + tasks["embed"][1] + tasks["publish"][1]] == [
         "dedup", "embed", "publish"]
 
-    # The nightly defaults: every category, gates enforced, SSRF guard on; run id from the logical time
-    # unless given.
-    nightly = _render(spark_submit_dags.nightly, {"run_id": "20261125T020000Z"}, "20261124T020000")
+    # The nightly defaults: every category, gates enforced, SSRF guard on; run id from run_after unless given.
+    nightly = _render(spark_submit_dags.nightly, {"run_id": "20261125T020000Z"}, "2026-11-24T02:00:00+00:00")
     [crawl] = nightly["crawl"][1]
     assert (crawl.categories, crawl.allow_private_hosts, crawl.run_id) == (None, None, "20261125T020000Z")
     assert nightly["build_index"][1][0].categories is None
     assert [a.force for a in nightly["validate"][1] + nightly["validate_index"][1]] == [False] * 4
+    assert not crawl.rewrite_history
+    manual = _render(spark_submit_dags.backfill, {"categories": ["food"], "rewrite_history": True},
+                     "2026-11-24T14:15:03.250000+00:00")
+    assert {args.run_id for _, parsed in manual.values() for args in parsed} == {"20261124T141503.250Z"}
+    assert manual["crawl"][1][0].rewrite_history
+
+
+@pytest.mark.parametrize("dag_id", ["catalog_nightly_reindex", "catalog_backfill"])
+def test_build_index_and_publish_share_one_pool(dagbag, dag_id):
+    dag = dagbag.dags[dag_id]
+    assert dag.get_task("build_index").pool == dag.get_task("publish").pool == "catalog_index_publish"
 
 
 # ---------------------------------------------------------------------------------------
 # dag.test(): the nightly run, then a backfill of one category on top of it
 # ---------------------------------------------------------------------------------------
 
-NIGHTLY_RUN, BACKFILL_RUN = "20261123T020000Z", "20261124T020000Z"
-
-
 def _dag_test(env: dict, dag: str, conf: dict) -> subprocess.CompletedProcess:
+    """`dag.test()` of a run with no logical date (as `airflow dags trigger` without --logical-date makes)."""
     script = ("import json, sys; sys.path.insert(0, %r); import catalog_index_dags as d; "
-              "run = d.%s.test(run_conf=json.loads(sys.argv[1])); print('STATE', run.state)") % (str(REPO / "dags"), dag)
+              "run = d.%s.test(run_conf=json.loads(sys.argv[1]), logical_date=None); "
+              "print('STATE', run.state, 'LOGICAL', run.logical_date)") % (str(REPO / "dags"), dag)
     return subprocess.run([sys.executable, "-c", script, json.dumps(conf)], env=env, capture_output=True,
                           text=True, timeout=900)
 
@@ -159,14 +174,16 @@ def nightly_run(tmp_path_factory):
            "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"), "CATALOG_INDEX_NO_PROGRESS": "1",
            "CATALOG_INDEX_INDEX__MAX_VECTORS_PER_SHARD": "10"}
     env.pop("CATALOG_INDEX_SPARK_CONN_ID", None)
-    subprocess.run([str(Path(sys.executable).parent / "airflow"), "db", "migrate"], env=env, check=True,
-                   capture_output=True)
+    airflow = str(Path(sys.executable).parent / "airflow")
+    subprocess.run([airflow, "db", "migrate"], env=env, check=True, capture_output=True)
+    subprocess.run([airflow, "pools", "set", "catalog_index_publish", "1", "catalog-index build+publish"], env=env,
+                   check=True, capture_output=True)
     warehouse = (root / "wh").as_uri()
     with ImageServer() as server:
         rows = build_sample_manifest(server.base_url, 30)
         manifest = write_manifest_csv(rows, root / "manifest.csv")
         result = _dag_test(env, "nightly", {"manifest": str(manifest), "warehouse": warehouse,
-                                            "allow_private_hosts": True, "run_id": NIGHTLY_RUN})
+                                            "allow_private_hosts": True})
         storage = open_storage(warehouse)
         latest = read_latest(storage, "catalog") if "STATE success" in result.stdout else None
         yield SimpleNamespace(env=env, server=server, rows=rows, warehouse=warehouse, storage=storage, result=result,
@@ -177,18 +194,20 @@ def nightly_run(tmp_path_factory):
 @pytest.mark.slow
 def test_nightly_dag_test_publishes_a_snapshot(nightly_run):
     assert "STATE success" in nightly_run.result.stdout, _tail(nightly_run.result)
+    assert "LOGICAL None" in nightly_run.result.stdout
     snapshot = nightly_run.snapshot
-    assert snapshot["source_run_id"] == NIGHTLY_RUN and snapshot["totals"]["vectors"] > 0
+    nightly_id = snapshot["source_run_id"]  # from run_after: the run had no logical date and no run_id param
+    assert re.fullmatch(r"\d{8}T\d{6}(\.\d{3})?Z", nightly_id) and snapshot["totals"]["vectors"] > 0
     assert snapshot["totals"]["shards"] > 1  # shards of at most 10 vectors
     # The publish task writes the run report, with example searches against the new snapshot:
     # a catalog image finds its own product first; the HTML shows the query and hit pictures.
-    report = json.loads(nightly_run.storage.read_text(f"reports/{NIGHTLY_RUN}/report.json"))
+    report = json.loads(nightly_run.storage.read_text(f"reports/{nightly_id}/report.json"))
     assert report["snapshot"]["snapshot_id"] == snapshot["snapshot_id"]
     assert len(report["search_samples"]) >= 2
     for sample in report["search_samples"]:
         assert sample["results"], sample["query"]
         assert sample["query"].startswith(sample["results"][0]["product_id"] + " (")
-    pictures = nightly_run.storage.read_text(f"reports/{NIGHTLY_RUN}/report.html").count("<img src='data:image")
+    pictures = nightly_run.storage.read_text(f"reports/{nightly_id}/report.html").count("<img src='data:image")
     assert pictures >= sum(1 + len(sample["results"]) for sample in report["search_samples"])
 
 
@@ -227,14 +246,24 @@ def test_backfill_dag_leaves_other_categories_alone(nightly_run, tmp_path):
     embeddings_before = _file_digests(storage, "embeddings/")
     assert embeddings_before
 
+    # An analyst's run id from the past is refused before anything is written: it would rewrite history.
+    refused = _dag_test(nightly_run.env, "backfill", {
+        "manifest": str(manifest), "warehouse": nightly_run.warehouse, "allow_private_hosts": True,
+        "run_id": "20200101T000000Z", "categories": [category]})
+    assert "STATE failed" in refused.stdout and "catalog_backfill" in _tail(refused), _tail(refused)
+    assert "sorts before the newest committed run" in refused.stdout + refused.stderr
+    assert not storage.list("runs/20200101T000000Z/")
+
     result = _dag_test(nightly_run.env, "backfill", {
         "manifest": str(manifest), "warehouse": nightly_run.warehouse, "allow_private_hosts": True,
-        "run_id": BACKFILL_RUN, "categories": [category]})
+        "categories": [category]})
     assert "STATE success" in result.stdout, _tail(result)
 
     latest = read_latest(storage, "catalog")
     after = read_manifest(storage, "catalog", latest["snapshot_id"], latest.get("manifest_sha256"))
-    assert after["source_run_id"] == BACKFILL_RUN and after["previous_snapshot"] == before["snapshot_id"]
+    backfill_id = after["source_run_id"]
+    assert backfill_id > before["source_run_id"] and after["previous_snapshot"] == before["snapshot_id"]
+    assert after["base_snapshot"] == before["snapshot_id"]
     assert after["backfill"] == {"categories": [category], "base_snapshot": before["snapshot_id"]}
     assert after["totals"]["vectors"] == before["totals"]["vectors"] + 1  # the new product's image
 
@@ -264,5 +293,5 @@ def test_backfill_dag_leaves_other_categories_alone(nightly_run, tmp_path):
     new_shas = [sha for key in sorted(set(embeddings_after) - set(embeddings_before)) if key.endswith(".parquet")
                 for sha in storage.read_table(key, columns=["sha256"]).column("sha256").to_pylist()]
     assert new_shas == [hashlib.sha256(image).hexdigest()]
-    embed = json.loads(storage.read_text(f"runs/{BACKFILL_RUN}/embed/_SUCCESS.json"))
+    embed = json.loads(storage.read_text(f"runs/{backfill_id}/embed/_SUCCESS.json"))
     assert embed["embedded"] == 1 and embed["quarantined"] == 0

@@ -47,7 +47,7 @@ class Interrupted(RuntimeError):
     pass
 
 
-def fail_after(monkeypatch, uploads: int, methods=("upload_file", "write_bytes")):
+def fail_after(monkeypatch, uploads: int, methods=("upload_file", "write_bytes", "write_if")):
     """Make the S3 backend die after `uploads` successful object writes (a killed process)."""
     calls = {"n": 0}
     for name in methods:
@@ -101,18 +101,23 @@ def test_build_killed_mid_upload_leaves_latest_on_the_previous_snapshot(s3_wareh
         publish_snapshot(storage, "catalog")
 
 
-def test_publish_killed_before_latest_leaves_latest_unchanged(s3_warehouse, monkeypatch):
+def test_publish_stopped_before_latest_leaves_latest_unchanged_and_a_rerun_completes_it(s3_warehouse, monkeypatch):
     settings, storage = s3_warehouse
     good, _ = build_and_publish(settings, storage)
     second = build_index(settings, "r1", model=MODEL, cfg=CFG, runner="local")
-    fail_after(monkeypatch, 1, methods=("write_bytes",))  # manifest.json goes through, LATEST does not
+    fail_after(monkeypatch, 1, methods=("write_if",))  # manifest.json goes through, LATEST does not
     with pytest.raises(Interrupted):
         publish_snapshot(storage, "catalog", snapshot_id=second.snapshot_id)
     monkeypatch.undo()
     assert read_latest(storage, "catalog")["snapshot_id"] == good.snapshot_id
-    # the verified-but-never-live snapshot can still be put live explicitly
-    rollback(storage, "catalog", second.snapshot_id)
+    assert storage.exists(snapshot_prefix("catalog", second.snapshot_id) + "manifest.json")
+    # the retry (what Airflow does with the publish task) completes it, by run id as the DAG asks
+    done = publish_snapshot(storage, "catalog", run_id="r1")
+    assert (done.snapshot_id, done.already_live) == (second.snapshot_id, False)
     assert read_latest(storage, "catalog")["snapshot_id"] == second.snapshot_id
+    again = publish_snapshot(storage, "catalog", run_id="r1")
+    assert (again.snapshot_id, again.already_live) == (second.snapshot_id, True)
+    assert again.manifest["previous_snapshot"] == again.manifest["base_snapshot"] == good.snapshot_id
 
 
 def test_publish_refuses_a_build_whose_files_changed_after_upload(s3_warehouse):

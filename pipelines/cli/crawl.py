@@ -40,6 +40,9 @@ def add_crawl_commands(sub) -> None:
     p.add_argument("--proxy", metavar="URL",
                    help="send image requests through this HTTP proxy (it must enforce egress rules itself); "
                         "HTTP(S)_PROXY, NO_PROXY and ~/.netrc are never read")
+    p.add_argument("--rewrite-history", action="store_true",
+                   help="allow a --run-id that sorts before the newest committed crawl (refused by default: later "
+                        "runs read earlier ones as their history); image bytes later runs reference are kept")
     p.add_argument("--no-resume", action="store_true",
                    help="discard finished tasks of an earlier attempt at this run id and crawl everything again")
     g = p.add_argument_group(
@@ -83,7 +86,7 @@ def cmd_crawl(args) -> int:
     console.print(f"crawl run [bold]{run_id}[/]: {args.manifest} -> {settings.warehouse}")
     spark = spark_factory(args, settings, f"catalog-index crawl {run_id}")
     summary = run_crawl(settings, args.manifest, run_id, categories=args.categories, runner=args.runner,
-                        spark=spark, resume=not args.no_resume)
+                        spark=spark, resume=not args.no_resume, rewrite_history=args.rewrite_history)
     print_crawl_summary(summary)
     return 0
 

@@ -80,10 +80,10 @@ def _add_build_index(sub) -> None:
                     "per shard against exact search. Below index.min_recall the run stops (exit 1) and nothing "
                     "can be published. `publish` makes the build live.", epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run-id", metavar="ID", help="dedup run to index (default: the newest under dedup/)")
+    p.add_argument("--run-id", metavar="ID", help="committed dedup run to index (default: the newest committed one)")
     p.add_argument("--categories", nargs="+", metavar="C",
-                   help="backfill: rebuild only the shards holding these categories; copy every other shard of "
-                        "the live snapshot byte for byte")
+                   help="backfill: rebuild only the shards holding these categories (and those that products of the "
+                        "run's crawl moved from or to); copy every other shard of the live snapshot byte for byte")
     p.add_argument("--model-version", metavar="V",
                    help="index embeddings/<V>/ (default: the installed model's version). A version this "
                         "installation cannot reproduce gives a snapshot searchable by vector only")
@@ -102,15 +102,23 @@ def _add_build_index(sub) -> None:
 def cmd_build_index(args) -> int:
     # faiss and pyarrow: kept out of the CLI's import time
     from pipelines.index import IndexCheckFailed, build_index, model_for_version
+    from pipelines.publish import holding_live_snapshot
+    from pipelines.readers import backfill_index_scope, require_committed_dedup
 
     settings, cfg = _index_settings(args, max_vectors_per_shard=args.max_vectors_per_shard,
                                     memory_budget_mb=args.memory_budget_mb, min_recall=args.min_recall,
                                     target_recall=args.target_recall)
+
+    storage = _storage(settings)
+    run_id = require_committed_dedup(storage, args.run_id)  # only a committed dedup output is indexed
+    categories = backfill_index_scope(storage, run_id, args.categories)
     model = model_for_version(args.model_version)
-    console.print(f"build-index [bold]{cfg.name}[/] from dedup run {args.run_id or '(newest)'} -> {settings.warehouse}")
+    console.print(f"build-index [bold]{cfg.name}[/] from dedup run {run_id} -> {settings.warehouse}"
+                  + (f" (categories: {', '.join(categories)})" if categories else ""))
     try:
-        result = build_index(settings, args.run_id, model=model, categories=args.categories, cfg=cfg,
-                             runner=args.runner, spark=spark_factory(args, settings, "catalog-index build-index"))
+        with holding_live_snapshot(storage, cfg.name):  # retention must not delete the shards being copied
+            result = build_index(settings, run_id, model=model, categories=categories, cfg=cfg,
+                                 runner=args.runner, spark=spark_factory(args, settings, "catalog-index build-index"))
     except IndexCheckFailed as exc:
         console.print(f"[red]index check failed:[/] {exc}")
         return 1
@@ -145,13 +153,23 @@ def _add_publish(sub) -> None:
     p = sub.add_parser(
         "publish", help="verify a build, write its manifest, then point LATEST at it",
         description="Re-read every shard file and id map of a passed build from the warehouse, check size and "
-                    "sha256, write manifest.json, and only then replace indexes/<name>/LATEST. Old snapshots "
-                    "beyond index.keep_snapshots are deleted (never the one LATEST points to).", epilog=EPILOG,
+                    "sha256, write manifest.json, and only then move indexes/<name>/LATEST by compare-and-swap from "
+                    "the snapshot the build started from (its base_snapshot). If LATEST moved meanwhile (another "
+                    "publish, a backfill, a rollback), nothing is overwritten: exit 1, rebuild on the new live "
+                    "snapshot. Rerunning a publish that stopped half way completes it; one whose snapshot is already "
+                    "live succeeds. Old snapshots beyond index.keep_snapshots are deleted (never the one LATEST "
+                    "points to, never a build younger than index.retention_grace_hours); a retention failure is "
+                    "reported, not fatal.", epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     which = p.add_mutually_exclusive_group()
-    which.add_argument("--snapshot-id", metavar="ID", help="the build to publish (default: the newest unpublished one)")
-    which.add_argument("--run-id", metavar="ID", help="publish the newest build of this run")
+    which.add_argument("--snapshot-id", metavar="ID",
+                       help="the build to publish (default: the newest unpublished build that passed its recall "
+                            "check and its index validation)")
+    which.add_argument("--run-id", metavar="ID", help="publish the newest build of this run (or complete its publish)")
     p.add_argument("--keep", type=int, metavar="N", help="published snapshots to keep (default index.keep_snapshots, 5)")
+    p.add_argument("--retention-grace-hours", type=float, metavar="H",
+                   help="never delete an unpublished build or a held snapshot younger than this "
+                        "(default index.retention_grace_hours, 24)")
     _serving_common(p)
     p.set_defaults(func=cmd_publish)
 
@@ -162,16 +180,23 @@ def cmd_publish(args) -> int:
 
     settings, cfg = _index_settings(args)
     try:
-        result = publish_snapshot(_storage(settings), cfg.name, snapshot_id=args.snapshot_id, run_id=args.run_id,
-                                  keep_snapshots=args.keep or cfg.keep_snapshots, min_recall=cfg.min_recall)
+        result = publish_snapshot(
+            _storage(settings), cfg.name, snapshot_id=args.snapshot_id, run_id=args.run_id,
+            keep_snapshots=args.keep or cfg.keep_snapshots, min_recall=cfg.min_recall,
+            retention_grace_hours=(args.retention_grace_hours if args.retention_grace_hours is not None
+                                   else cfg.retention_grace_hours))
     except SnapshotVerificationError as exc:
         console.print(f"[red]not published:[/] {exc}")
         return 1
     totals = result.manifest["totals"]
-    console.print(f"published [bold]{result.snapshot_id}[/] ({totals['shards']} shards, {totals['vectors']:,} vectors, "
+    console.print(f"{'already live' if result.already_live else 'published'} [bold]{result.snapshot_id}[/] "
+                  f"({totals['shards']} shards, {totals['vectors']:,} vectors, "
                   f"{totals['products']:,} products, min recall@10 {result.manifest['recall_at_10']['min']:.3f}); "
                   f"LATEST was {result.previous_snapshot or 'unset'}"
                   + (f"; retired {', '.join(result.deleted)}" if result.deleted else ""))
+    if result.retention_error:
+        console.print(f"[yellow]retention failed[/] (the snapshot is live; the next publish retries): "
+                      f"{result.retention_error}")
     return 0
 
 
@@ -213,7 +238,9 @@ def cmd_snapshots(args) -> int:
 def _add_rollback(sub) -> None:
     p = sub.add_parser("rollback", help="point LATEST at an earlier published snapshot (after re-verifying it)",
                        description="Re-verify every file of a published snapshot against its manifest, then point "
-                                   "LATEST at it. Serving hosts pick it up on their next `pull`.")
+                                   "LATEST at it by compare-and-swap from what LATEST named before verifying (exit 1, "
+                                   "nothing changed, if a publish moved it meanwhile). Also repairs an unreadable "
+                                   "LATEST. Serving hosts pick it up on their next `pull`.")
     p.add_argument("--to", required=True, metavar="ID", help="snapshot id (see `catalog-index snapshots`)")
     _serving_common(p)
     p.set_defaults(func=cmd_rollback)

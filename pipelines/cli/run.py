@@ -30,6 +30,9 @@ def add_run_commands(sub) -> None:
                        help="allow image URLs on loopback/private addresses (the sample catalog needs it)")
         p.add_argument("--force", action="store_true",
                        help="publish even when a validation gate trips (recorded in the run report)")
+        p.add_argument("--rewrite-history", action="store_true",
+                       help="allow a --run-id that sorts before the newest committed run (refused by default: later "
+                            "runs read earlier ones as their history); image bytes later runs reference are kept")
         p.add_argument("--stages", nargs="+", metavar="S", choices=None,
                        help="run only these stages, in pipeline order (default: all)")
         add_common_flags(p)
@@ -44,6 +47,7 @@ def cmd_run(args) -> int:
     run_id = args.run_id or new_run_id()
     stages = [s for s in STAGES if not args.stages or s in {x.replace("-", "_") for x in args.stages}]
     ctx = RunContext(settings, run_id, manifest=args.manifest, categories=args.categories, force=args.force,
+                     rewrite_history=args.rewrite_history,
                      runner=args.runner, spark=spark_factory(args, settings, f"catalog-index {args.command} {run_id}"))
     console.print(f"{args.command} [bold]{run_id}[/]: {args.manifest} -> {settings.warehouse}"
                   + (f" (categories: {', '.join(args.categories)})" if args.categories else ""))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import secrets
 import threading
 import time
 from collections import Counter
@@ -94,6 +95,9 @@ class CrawlSummary:
     elapsed_s: float = 0.0
     fetch_s: float = 0.0
     per_category: dict[str, dict[str, int]] = field(default_factory=dict)
+    moved: int = 0                                   # (product, image) rows whose category changed since the last run
+    index_scope: list[str] | None = None             # a backfill's categories plus those its moved rows left or joined
+    refetched_lost_bytes: int = 0                    # previous rows whose stored bytes were gone: fetched unconditionally
 
     @property
     def accounted(self) -> int:
@@ -271,11 +275,30 @@ def plan_task_count(rows: int, rows_per_task: int, parallelism: int) -> int:
     return max(math.ceil(rows / rows_per_task), min(parallelism, math.ceil(rows / 32)))
 
 
+class HistoryRewrite(CrawlError):
+    """The run id sorts before the newest committed run: running it would rewrite history."""
+
+
+def check_run_order(storage: Storage, run_id: str, rewrite_history: bool = False) -> None:
+    """Refuse a run id older than the newest committed crawl: later runs took it as their history (the
+    previous crawl, the previous good run, where image bytes live), so it must not change under them."""
+    newest = max(committed_crawl_runs(storage), default=None)
+    if newest is None or run_id >= newest or rewrite_history:
+        return
+    raise HistoryRewrite(
+        f"run id {run_id} sorts before the newest committed run {newest}: run ids sort in time order and later "
+        "runs depend on earlier ones, so this run is refused. Start a new run instead (no --run-id: the current "
+        "time; in Airflow, trigger catalog_nightly_reindex again, without a logical date); to redo some "
+        "categories use the catalog_backfill DAG (`catalog-index backfill --categories ...`). To rerun this "
+        "old night anyway, pass --rewrite-history (DAG param rewrite_history)")
+
+
 def run_crawl(settings: Settings, manifest_uri: str, run_id: str, *, categories: list[str] | None = None,
-              runner: str = "spark", spark=None, resume: bool = True) -> CrawlSummary:
+              runner: str = "spark", spark=None, resume: bool = True, rewrite_history: bool = False) -> CrawlSummary:
     started = time.monotonic()
     layout.check_run_id(run_id)
     storage = open_storage(settings.warehouse, settings.s3)
+    check_run_order(storage, run_id, rewrite_history)
     manifest = read_manifest(manifest_uri, settings.s3, settings.crawl)
     storage.write_table(layout.manifest_key(run_id), manifest)
     frame = manifest.to_pandas()
@@ -287,7 +310,8 @@ def run_crawl(settings: Settings, manifest_uri: str, run_id: str, *, categories:
 
     prev_state = read_crawl_state(storage, previous) if previous else IMAGE_STATE.empty_table().to_pandas()
     prev_state = prev_state[prev_state["status"] != "removed"]
-    prev_cols = prev_state[["product_id", "image_url", *_PREV]].rename(columns={c: f"prev_{c}" for c in _PREV})
+    to_refresh, lost = _forget_lost_bytes(storage, prev_state)
+    prev_cols = to_refresh[["product_id", "image_url", *_PREV]].rename(columns={c: f"prev_{c}" for c in _PREV})
     worklist = to_crawl.merge(prev_cols, on=["product_id", "image_url"], how="left")
     worklist = worklist.sort_values(["category", "row_index"], kind="stable").reset_index(drop=True)
 
@@ -299,15 +323,18 @@ def run_crawl(settings: Settings, manifest_uri: str, run_id: str, *, categories:
             "tasks": n_tasks, "crawl_settings": settings.crawl.model_dump()}
     plan_key = f"{layout.crawl_prefix(run_id)}plan.json"
     old_plan = json.loads(storage.read_text(plan_key)) if storage.exists(plan_key) else None
-    resuming = resume and old_plan == plan
+    resuming = resume and old_plan is not None and {k: v for k, v in old_plan.items() if k != "attempt"} == plan
+    # Each fresh attempt names its files anew (part-<task>-<attempt>): a file of an earlier attempt that a
+    # later run still reads bytes from is kept (see _clear_run_outputs), never overwritten with other rows.
+    attempt = old_plan.get("attempt", "") if resuming else secrets.token_hex(4)
     if not resuming:
         _clear_run_outputs(storage, run_id)
-        storage.write_text(plan_key, json.dumps(plan, indent=2, sort_keys=True))
+        storage.write_text(plan_key, json.dumps({**plan, "attempt": attempt}, indent=2, sort_keys=True))
 
     tasks, results = [], {}
     bounds = [round(i * len(worklist) / n_tasks) for i in range(n_tasks + 1)] if n_tasks else [0]
     for i in range(n_tasks):
-        part = f"{i:05d}"
+        part = f"{i:05d}-{attempt}" if attempt else f"{i:05d}"
         marker = _task_marker(run_id, part)
         if resuming and storage.exists(marker):
             results[part] = json.loads(storage.read_text(marker))
@@ -325,8 +352,9 @@ def run_crawl(settings: Settings, manifest_uri: str, run_id: str, *, categories:
 
     summary = CrawlSummary(run_id=run_id, manifest_uri=manifest_uri, previous_run_id=previous,
                            categories=sorted(categories) if categories else None, manifest_rows=len(frame),
-                           out_of_scope=out_of_scope, tasks=n_tasks, tasks_resumed=n_tasks - len(tasks))
-    _write_driver_rows(storage, run_id, rejected, frame, prev_state, categories, summary)
+                           out_of_scope=out_of_scope, tasks=n_tasks, tasks_resumed=n_tasks - len(tasks),
+                           refetched_lost_bytes=lost)
+    _write_driver_rows(storage, run_id, rejected, frame, in_scope, prev_state, categories, summary)
     reasons, stale_reasons, per_category = Counter(summary.quarantine_reasons), Counter(), {}
     for counts in results.values():
         kinds = counts["kinds"]
@@ -349,23 +377,76 @@ def run_crawl(settings: Settings, manifest_uri: str, run_id: str, *, categories:
     if summary.accounted != summary.manifest_rows:
         raise CrawlError(f"accounting mismatch in run {run_id}: {summary.accounted} rows accounted for, "
                          f"{summary.manifest_rows} in the manifest; outputs are not committed")
+    _check_unique_state(storage, run_id)
     storage.write_text(f"{layout.crawl_prefix(run_id)}summary.json", summary.to_json())
     storage.write_text(layout.crawl_success_key(run_id), summary.to_json())  # commit marker, written last
     return summary
 
 
 def _clear_run_outputs(storage: Storage, run_id: str) -> None:
-    """A fresh attempt at run_id replaces that run's outputs and nothing else."""
+    """A fresh attempt at run_id replaces that run's outputs and nothing else. Image files of this run
+    that a later committed run still reads bytes from (its not_modified / stale / carried rows) are
+    kept: those bytes belong to that run's state too (invariant 5)."""
     storage.delete_prefix(layout.crawl_prefix(run_id))
     storage.delete_prefix(layout.quarantine_prefix(run_id, "crawl"))
-    for segment in storage.list_dirs(layout.IMAGES_ROOT):
-        storage.delete_prefix(layout.images_run_prefix(segment, run_id))
+    ours = [key for segment in storage.list_dirs(layout.IMAGES_ROOT)
+            for key in storage.list(layout.images_run_prefix(segment, run_id))]
+    if not ours:
+        return
+    referenced = _referenced_image_keys(storage, [r for r in committed_crawl_runs(storage) if r > run_id])
+    for key in ours:
+        if key not in referenced:
+            storage.delete(key)
+
+
+def _referenced_image_keys(storage: Storage, runs: list[str]) -> set[str]:
+    keys: set[str] = set()
+    for run in runs:
+        state = read_crawl_state(storage, run, columns=["stored_key", "status"])
+        keys.update(state.loc[state["status"].isin(LIVE_STATUSES), "stored_key"].dropna())
+    return keys
+
+
+def _forget_lost_bytes(storage: Storage, prev_state: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """Previous rows whose image file is gone (deleted by hand, lost by an old rerun) lose their HTTP
+    validators and stored key, so that this run fetches them unconditionally: a 304 must not keep a
+    reference to bytes that no longer exist, night after night."""
+    if prev_state.empty:
+        return prev_state, 0
+    present = set(storage.list(layout.IMAGES_ROOT + "/"))
+    lost = prev_state["stored_key"].notna() & ~prev_state["stored_key"].isin(present)
+    if not lost.any():
+        return prev_state, 0
+    prev_state = prev_state.copy()
+    prev_state.loc[lost, ["stored_key", "stored_run_id", "etag", "last_modified", "sha256"]] = None
+    return prev_state, int(lost.sum())
+
+
+def _check_unique_state(storage: Storage, run_id: str) -> None:
+    """Invariant 1, checked before the commit marker: one state row per (product_id, image_url)."""
+    keys = read_crawl_state(storage, run_id, columns=["product_id", "image_url"])
+    duplicated = keys[keys.duplicated(keep=False)]
+    if len(duplicated):
+        sample = ", ".join(f"({p}, {u})" for p, u in duplicated.drop_duplicates().head(3).itertuples(index=False))
+        raise CrawlError(f"run {run_id} would hold {len(duplicated)} state rows for {duplicated.drop_duplicates().shape[0]} "
+                         f"(product_id, image_url) pairs seen twice, e.g. {sample}; outputs are not committed. "
+                         "This is a bug: report it with the manifest")
+
+
+def _key_frame(frame: pd.DataFrame) -> pd.Series:
+    return pd.Series(list(zip(frame["product_id"].astype(str).str.strip(), frame["image_url"].astype(str).str.strip())),
+                     index=frame.index, dtype=object)
 
 
 def _write_driver_rows(storage: Storage, run_id: str, rejected: pd.DataFrame, manifest: pd.DataFrame,
-                       prev_state: pd.DataFrame, categories: list[str] | None, summary: CrawlSummary) -> None:
+                       in_scope: pd.DataFrame, prev_state: pd.DataFrame, categories: list[str] | None,
+                       summary: CrawlSummary) -> None:
     """Rows decided on the driver: manifest rows quarantined before fetching, images gone from
-    the manifest (removed), and images of categories outside this run's scope (carried)."""
+    the manifest (removed), and images of categories outside this run's scope (carried).
+
+    Scope is decided by the manifest's category, not the previous run's: a (product, image) the
+    manifest lists in a category of this run is crawled (even if it was elsewhere before); one it lists
+    in another category is carried with that category (even if it was in a backfilled one before)."""
     now = _now()
     quarantine = [{"run_id": run_id, "stage": "crawl", "reason": r.reason, "detail": r.detail,
                    "row_index": int(r.row_index), "product_id": _text(r.product_id), "category": _text(r.category),
@@ -374,12 +455,31 @@ def _write_driver_rows(storage: Storage, run_id: str, rejected: pd.DataFrame, ma
     summary.quarantined += len(quarantine)
     summary.quarantine_reasons = dict(Counter(r["reason"] for r in quarantine))
 
-    scope = prev_state if not categories else prev_state[prev_state["category"].isin(categories)]
-    carried = prev_state.iloc[0:0] if not categories else prev_state[~prev_state["category"].isin(categories)]
-    live = set(zip(manifest["product_id"].astype(str).str.strip(), manifest["image_url"].astype(str).str.strip()))
-    is_gone = pd.Series([key not in live for key in zip(scope["product_id"], scope["image_url"])],
-                        index=scope.index, dtype=bool)
-    gone = scope[is_gone]
+    manifest_category = dict(zip(_key_frame(manifest), manifest["category"].astype(str).str.strip()))
+    crawled = set(_key_frame(in_scope))
+    prev_keys = _key_frame(prev_state) if len(prev_state) else pd.Series([], dtype=object)
+    listed_now = prev_keys.map(lambda key: manifest_category.get(key))
+    in_this_run = prev_keys.isin(crawled)
+    if not categories:
+        gone = prev_state[~in_this_run & listed_now.isna()]
+        carried = prev_state.iloc[0:0]
+    else:
+        # Gone from the manifest: removed if its category is backfilled, or if its product now lives (by the
+        # manifest) in a backfilled category: that product's rows are all this run's to decide.
+        in_scope_products = set(in_scope["product_id"].astype(str).str.strip())
+        backfilled = prev_state["category"].isin(categories) | prev_state["product_id"].isin(in_scope_products)
+        gone = prev_state[~in_this_run & listed_now.isna() & backfilled]
+        carried = prev_state[~in_this_run & ~(listed_now.isna() & backfilled)].copy()
+        moved_out = listed_now[carried.index].notna() & (listed_now[carried.index] != carried["category"])
+        carried.loc[moved_out, "category"] = listed_now[carried.index][moved_out]
+    moved_in = prev_state[in_this_run].assign(now=prev_keys[in_this_run].map(manifest_category))
+    moved_in = moved_in[moved_in["now"] != moved_in["category"]]
+    summary.moved = len(moved_in) + (int(moved_out.sum()) if categories else 0)
+    if categories:
+        left = (set(moved_in["category"]) | set(prev_state.loc[moved_out[moved_out].index, "category"])
+                | set(gone["category"]))
+        joined = set(carried.loc[moved_out[moved_out].index, "category"])
+        summary.index_scope = sorted(set(categories) | left | joined)
     removed = gone.assign(status="removed", checked_at=now, run_id=run_id)
     carried = carried.assign(status="carried", run_id=run_id)
     storage.write_table(f"{layout.crawl_state_prefix(run_id)}part-removed.parquet",

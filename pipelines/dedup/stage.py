@@ -166,6 +166,7 @@ def confirm_task(task: ConfirmTask) -> list[float]:
 HASH_VERSION = 2
 
 
+
 def hash_cache_prefix(draft_size: int | None) -> str:
     return layout.hash_cache_prefix(HASH_VERSION, draft_size)
 
@@ -205,7 +206,10 @@ def with_valid_canonicals(rows: pd.DataFrame, rejected: set[str]) -> pd.DataFram
 
 def _hash_missing(storage, settings: Settings, run_id, images, runner, spark) -> tuple[pd.DataFrame, int]:
     cache = read_hash_cache(storage, settings.dedup.jpeg_draft_size)
-    todo = images[~images["sha256"].isin(cache.index)].drop_duplicates("sha256")
+    # bytes_missing says where the bytes were looked for, not what the image is: never a cached verdict,
+    # tried again every run (the crawl re-fetches images whose stored bytes are gone).
+    known = cache.index[cache["reason"].ne(BYTES_MISSING).to_numpy()]
+    todo = images[~images["sha256"].isin(known)].drop_duplicates("sha256")
     tasks = []
     per_task = settings.dedup.images_per_task
     for key, group in todo.groupby("stored_key", sort=True):

@@ -36,7 +36,7 @@ def _unchanged_shards(storage: Storage, cfg: IndexSettings, version: str, plans:
     previous_id = pointer["snapshot_id"]
     build_key = snapshot_prefix(cfg.name, previous_id) + BUILD_FILE
     build = json.loads(storage.read_text(build_key)) if storage.exists(build_key) else {}
-    ignore = {"keep_snapshots", "reuse_unchanged_shards", "min_recall", "use_gpu"}
+    ignore = {"keep_snapshots", "retention_grace_hours", "reuse_unchanged_shards", "min_recall", "use_gpu"}
     if {k: v for k, v in (build.get("settings") or {}).items() if k not in ignore} != \
             {k: v for k, v in cfg.model_dump().items() if k not in ignore}:
         return None

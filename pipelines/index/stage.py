@@ -172,6 +172,7 @@ def build_index(settings: Settings, run_id: str | None = None, *, model: Any = N
                               f"(versions present: {', '.join(found) or 'none'}): run the embed stage for this "
                               "model first, or pass --model-version to index another version's vectors")
     members = read_dedup_members(storage, run_id)
+    start_pointer = read_latest(storage, cfg.name)  # the base publish moves LATEST from (compare-and-swap)
     snapshot_id = snapshot_id or new_snapshot_id()
     prefix = snapshot_prefix(cfg.name, snapshot_id)
 
@@ -287,6 +288,7 @@ def build_index(settings: Settings, run_id: str | None = None, *, model: Any = N
         "metric": METRIC,
         "settings": cfg.model_dump(),
         "backfill": {"categories": sorted(categories), "base_snapshot": previous_id} if categories else None,
+        "base_snapshot": previous_id or (start_pointer["snapshot_id"] if start_pointer else None),
         "missing_embeddings": len(missing),
         "vector_reads": reads.describe() if reads is not None else None,
         "shards": shards,
