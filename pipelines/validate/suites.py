@@ -213,6 +213,33 @@ def _import_gx():
 
         _skip_unrequested_failing_values()
         _stable_metric_bundles()
+        _serialised_suite_parameters()
+
+
+@functools.cache
+def _serialised_suite_parameters() -> bool:
+    """Evaluate GX suite parameters one thread at a time.
+
+    GX 1.24 parses `$PARAMETER` expressions with one module-level pyparsing grammar whose
+    expression stack is shared, and pyparsing finds a parse action's arity by mutating shared
+    state on first use: two suites validated side by side (manifest and images) corrupted each
+    other's parameters or failed with `push_first() missing 1 required positional argument`
+    (2,292 of 2,400 parses wrong with 8 threads). Parsing is microseconds; a lock costs nothing.
+    """
+    from great_expectations.core import suite_parameters  # GX: imported by _import_gx, never at import time
+
+    parse = suite_parameters.parse_suite_parameter
+    if getattr(parse, "_catalog_index_locked", False):
+        return True
+    lock = threading.Lock()
+
+    def locked_parse(*args, **kwargs):
+        with lock:
+            return parse(*args, **kwargs)
+
+    locked_parse._catalog_index_locked = True
+    suite_parameters.parse_suite_parameter = locked_parse
+    return True
 
 
 @functools.cache
