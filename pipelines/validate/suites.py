@@ -213,6 +213,7 @@ def _import_gx():
 
         _skip_unrequested_failing_values()
         _stable_metric_bundles()
+        _serial_suite_parameters()
 
 
 @functools.cache
@@ -245,6 +246,23 @@ def _stable_metric_bundles() -> bool:
     resolve_metric_bundle._catalog_index_patched = True
     SparkDFExecutionEngine.resolve_metric_bundle = resolve_metric_bundle
     return True
+
+
+@functools.cache
+def _serial_suite_parameters() -> None:
+    """Resolve `$PARAMETER`s one thread at a time. GX parses them with one module-level parser
+    (`suite_parameters.EXPR`: a shared stack, pyparsing parse actions whose arity is found on first
+    call), so the manifest and images suites validated side by side could take each other's values
+    or fail with "push_first() missing 1 required positional argument" (seen by tests/test_kill_resume)."""
+    from great_expectations.core import suite_parameters
+
+    original, lock = suite_parameters.parse_suite_parameter, threading.Lock()
+
+    def parse_suite_parameter(*args, **kwargs):
+        with lock:
+            return original(*args, **kwargs)
+
+    suite_parameters.parse_suite_parameter = functools.update_wrapper(parse_suite_parameter, original)
 
 
 _PARTIAL_VALUES_SUFFIX = ".unexpected_values"
