@@ -30,7 +30,7 @@ test: setup
 chaos: setup
 	CATALOG_INDEX_CHAOS=$${CATALOG_INDEX_CHAOS:-10} CATALOG_INDEX_SSRF_EXAMPLES=$${CATALOG_INDEX_SSRF_EXAMPLES:-2000} \
 	$(VENV)/bin/python -m pytest -q tests/test_warehouse_faults.py tests/test_multi_night.py tests/test_ssrf.py \
-	tests/test_untrusted_pointers.py
+	tests/test_untrusted_pointers.py tests/test_kill_resume.py
 
 airflow: setup
 	AIRFLOW_HOME=$(CURDIR)/airflow-home AIRFLOW__CORE__DAGS_FOLDER=$(CURDIR)/dags AIRFLOW__CORE__LOAD_EXAMPLES=False \

@@ -54,8 +54,8 @@ class RunContext:
     results: dict[str, Any] = field(default_factory=dict)
 
     def session(self):
-        if self.runner != "spark":
-            return None
+        """The SparkSession validation runs on: Great Expectations needs Spark whatever the runner
+        (`runner` only says where the other stages' tasks run)."""
         if callable(self.spark):
             self.spark = self.spark()
         return self.spark

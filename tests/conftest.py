@@ -148,9 +148,12 @@ def seaweedfs_endpoint(tmp_path_factory):
 def s3_store(request):
     """A fresh bucket on moto or on SeaweedFS: (bucket, S3Settings). S3 protocol tests that must hold on a
     real S3-compatible store (conditional writes, the snapshot protocol) use this."""
+    return new_bucket(request.getfixturevalue(f"{request.param}_endpoint"))
+
+
+def new_bucket(endpoint: str):
     import boto3
 
-    endpoint = request.getfixturevalue(f"{request.param}_endpoint")
     settings = S3Settings(endpoint_url=endpoint, region="us-east-1")
     bucket = f"test-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
@@ -165,15 +168,10 @@ def _aws_env():
     os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
 
-@pytest.fixture
-def s3_bucket(moto_endpoint):
-    """A fresh bucket on the moto server; returns (bucket name, S3Settings)."""
-    import boto3
-
-    settings = S3Settings(endpoint_url=moto_endpoint, region="us-east-1")
-    bucket = f"test-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
-    return bucket, settings
+@pytest.fixture(params=["moto", "seaweedfs"])
+def s3_bucket(request):
+    """A fresh bucket on moto or on SeaweedFS (every S3 test runs on both); returns (bucket name, S3Settings)."""
+    return new_bucket(request.getfixturevalue(f"{request.param}_endpoint"))
 
 
 @pytest.fixture(scope="session")

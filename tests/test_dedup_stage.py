@@ -113,6 +113,30 @@ def test_corrupt_stored_bytes_are_quarantined(spark, planted, tmp_path):
     assert len(quarantine) == 1 and quarantine.loc[0, "stage"] == "dedup"
 
 
+def test_a_rerun_after_a_dedup_killed_between_hash_tasks_keeps_every_hash(planted, tmp_path, monkeypatch):
+    """A killed run hashed task 0 of its images; the rerun hashes the rest as its own task 0, which
+    must not overwrite the killed run's part (found by tests/test_kill_resume.py: every image of
+    that part came out without a pHash and dedup crashed writing its quarantine)."""
+    import pipelines.dedup.stage as dedup_stage
+
+    warehouse = (tmp_path / "wh").as_uri()
+    settings = settings_for(warehouse).model_copy(update={"dedup": settings_for(warehouse).dedup.model_copy(
+        update={"images_per_task": 2})})
+    run_crawl(settings, write_manifest(tmp_path / "m.csv", planted), "r1", runner="local")
+
+    def killed_after_the_first_task(fn, tasks, **kwargs):
+        fn(tasks[0])
+        raise SystemExit("killed")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(dedup_stage, "run_tasks", killed_after_the_first_task)
+        with pytest.raises(SystemExit):
+            run_dedup(settings, "r1", runner="local")
+    summary = run_dedup(settings, "r1", runner="local")
+    assert summary.quarantined == 0 and summary.accounted == summary.image_rows == 8
+    assert summary.hashed_now == 7 - 2 and (summary.exact_duplicate_rows, summary.near_duplicate_rows) == (1, 1)
+
+
 def test_a_cluster_whose_canonical_image_fails_validation_keeps_its_products():
     import pandas as pd
 

@@ -606,3 +606,23 @@ def test_stages_validated_side_by_side_all_report_then_the_stop_is_raised(nights
     assert (conf.get("spark.sql.adaptive.enabled"), conf.get("spark.sql.shuffle.partitions")) == before
     results = validate_stages(settings, NIGHT2, ["manifest", "images"], spark=spark, validation=THRESHOLDS, force=True)
     assert [(s, r.outcome) for s, r in results.items()] == [("manifest", "passed"), ("images", "forced")]
+
+
+def test_suite_parameters_resolved_from_many_threads_keep_their_own_values():
+    """GX resolves `$PARAMETER`s with one module-level parser; the manifest and images suites are
+    validated side by side, so `_import_gx` makes that one thread at a time (tests/test_kill_resume.py
+    saw "push_first() missing 1 required positional argument" from a run's validate stage)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from great_expectations.core import suite_parameters
+
+    from pipelines.validate.suites import _import_gx
+
+    _import_gx()
+
+    def resolve(i: int) -> list:
+        return [suite_parameters.parse_suite_parameter("x * 2 + 1", suite_parameters={"x": i}) for _ in range(200)]
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(resolve, range(8)))
+    assert results == [[2 * i + 1] * 200 for i in range(8)]

@@ -33,9 +33,11 @@ def settings_from_args(args: argparse.Namespace, **extra):
     return load_settings(args.config, **overrides)
 
 
-def spark_factory(args, settings, app_name: str):
-    """A factory, so that stages start Spark only once their input has been checked."""
-    if args.runner == "local":
+def spark_factory(args, settings, app_name: str, *, validation: bool = False):
+    """A factory, so that stages start Spark only once their input has been checked. With `--runner
+    local` none, except for a command that validates (`validation`): Great Expectations runs on Spark
+    whatever the runner, so `run --runner local` still starts Spark for its validate stages."""
+    if args.runner == "local" and not validation:
         return None
 
     return lambda: get_spark(settings, app_name)

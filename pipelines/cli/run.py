@@ -48,7 +48,8 @@ def cmd_run(args) -> int:
     stages = [s for s in STAGES if not args.stages or s in {x.replace("-", "_") for x in args.stages}]
     ctx = RunContext(settings, run_id, manifest=args.manifest, categories=args.categories, force=args.force,
                      rewrite_history=args.rewrite_history,
-                     runner=args.runner, spark=spark_factory(args, settings, f"catalog-index {args.command} {run_id}"))
+                     runner=args.runner, spark=spark_factory(args, settings, f"catalog-index {args.command} {run_id}",
+                                                         validation=True))
     console.print(f"{args.command} [bold]{run_id}[/]: {args.manifest} -> {settings.warehouse}"
                   + (f" (categories: {', '.join(args.categories)})" if args.categories else ""))
 

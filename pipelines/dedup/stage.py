@@ -19,6 +19,7 @@ which the index maps back to every product that shares it.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections import Counter
@@ -215,8 +216,12 @@ def _hash_missing(storage, settings: Settings, run_id, images, runner, spark) ->
     for key, group in todo.groupby("stored_key", sort=True):
         shas = sorted(group["sha256"])
         for start in range(0, len(shas), per_task):
-            tasks.append(HashTask(settings.warehouse, settings.s3, run_id, f"{len(tasks):05d}", key,
-                                  shas[start:start + per_task], settings.dedup.jpeg_draft_size))
+            # The part is named by the images it hashes, not by its position alone: a rerun of a killed
+            # run has fewer images to hash, and its task 0 must not overwrite the killed run's task 0.
+            batch = shas[start:start + per_task]
+            digest = hashlib.sha256("\n".join(batch).encode()).hexdigest()[:16]
+            tasks.append(HashTask(settings.warehouse, settings.s3, run_id, f"{len(tasks):05d}-{digest}", key,
+                                  batch, settings.dedup.jpeg_draft_size))
     if tasks:
 
         run_tasks(hash_task, tasks, runner=runner, spark=spark,

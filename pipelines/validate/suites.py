@@ -213,33 +213,7 @@ def _import_gx():
 
         _skip_unrequested_failing_values()
         _stable_metric_bundles()
-        _serialised_suite_parameters()
-
-
-@functools.cache
-def _serialised_suite_parameters() -> bool:
-    """Evaluate GX suite parameters one thread at a time.
-
-    GX 1.24 parses `$PARAMETER` expressions with one module-level pyparsing grammar whose
-    expression stack is shared, and pyparsing finds a parse action's arity by mutating shared
-    state on first use: two suites validated side by side (manifest and images) corrupted each
-    other's parameters or failed with `push_first() missing 1 required positional argument`
-    (45 to 2,292 of 2,400 parses wrong with 8 threads, run to run). Parsing is microseconds; a lock costs nothing.
-    """
-    from great_expectations.core import suite_parameters  # GX: imported by _import_gx, never at import time
-
-    parse = suite_parameters.parse_suite_parameter
-    if getattr(parse, "_catalog_index_locked", False):
-        return True
-    lock = threading.Lock()
-
-    def locked_parse(*args, **kwargs):
-        with lock:
-            return parse(*args, **kwargs)
-
-    locked_parse._catalog_index_locked = True
-    suite_parameters.parse_suite_parameter = locked_parse
-    return True
+        _serial_suite_parameters()
 
 
 @functools.cache
@@ -272,6 +246,24 @@ def _stable_metric_bundles() -> bool:
     resolve_metric_bundle._catalog_index_patched = True
     SparkDFExecutionEngine.resolve_metric_bundle = resolve_metric_bundle
     return True
+
+
+@functools.cache
+def _serial_suite_parameters() -> None:
+    """Resolve `$PARAMETER`s one thread at a time. GX parses them with one module-level parser
+    (`suite_parameters.EXPR`: a shared stack, pyparsing parse actions whose arity is found on first
+    call), so the manifest and images suites validated side by side could take each other's values
+    or fail with "push_first() missing 1 required positional argument" (seen by tests/test_kill_resume and
+    by `make run` in a fresh clone; 45 to 2,292 of 2,400 parses wrong with 8 threads, run to run)."""
+    from great_expectations.core import suite_parameters
+
+    original, lock = suite_parameters.parse_suite_parameter, threading.Lock()
+
+    def parse_suite_parameter(*args, **kwargs):
+        with lock:
+            return original(*args, **kwargs)
+
+    suite_parameters.parse_suite_parameter = functools.update_wrapper(parse_suite_parameter, original)
 
 
 _PARTIAL_VALUES_SUFFIX = ".unexpected_values"
