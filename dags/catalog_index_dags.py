@@ -29,7 +29,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pendulum
-from airflow.sdk import DAG, Asset, Param, task
+from airflow.sdk import DAG, Asset, AssetAlias, Param, task
 
 from pipelines.layout import latest_uri
 
@@ -41,15 +41,23 @@ GPU_POOL = os.environ.get("CATALOG_INDEX_GPU_POOL", "default_pool")
 PUBLISH_POOL = os.environ.get("CATALOG_INDEX_PUBLISH_POOL", "catalog_index_publish")
 NIGHTLY_DAG_ID, BACKFILL_DAG_ID = "catalog_nightly_reindex", "catalog_backfill"
 DEFAULT_WAREHOUSE = os.environ.get("CATALOG_INDEX_WAREHOUSE", (Path.home() / ".catalog-index" / "warehouse").as_uri())
-# The warehouse's LATEST pointer of the index (the default warehouse's: the asset is fixed when the
-# file is parsed). Each publish emits an event whose extra is {"snapshot_id", "manifest_sha256"};
-# dags/catalog_serving_dags.py is scheduled on it.
-SNAPSHOT_ASSET = Asset(name="catalog_index_snapshot", uri=latest_uri(DEFAULT_WAREHOUSE, "catalog"))
+# The publish task's outlet. A run publishes to its `warehouse` param, which need not be the warehouse
+# this file was parsed with, so the asset is chosen at run time: each publish emits, through this alias,
+# one event for snapshot_asset(<the run's warehouse>) whose extra is {"snapshot_id", "manifest_sha256"}.
+# dags/catalog_serving_dags.py is scheduled on the asset of its own warehouse.
+SNAPSHOT_ALIAS = AssetAlias(name="catalog_index_snapshot")
 log = logging.getLogger(__name__)
 
 # Stage -> execution timeout in hours.
 STAGE_TIMEOUTS = {"crawl": 4, "dedup": 2, "validate": 1, "embed": 6, "build_index": 3, "validate_index": 1,
                   "publish": 1}
+
+
+def snapshot_asset(warehouse: str) -> Asset:
+    """The asset of a warehouse's LATEST pointer, named by its URI (as dags/catalog_serving_dags.py names it).
+    Airflow identifies an asset by name and URI and activates one asset per name: a name shared by
+    the LATEST of two warehouses would leave one of them without consumers."""
+    return Asset(uri=latest_uri(warehouse, "catalog"))
 
 
 def run_id_from_run_after(run_after) -> str:
@@ -137,13 +145,14 @@ def run_stage_in_process(stage: str, params: dict, run_id: str) -> dict:
 
 
 def announce_snapshot(context) -> None:
-    """The publish task's asset event carries the snapshot LATEST now names and its manifest sha256."""
+    """The publish task's asset event: for the LATEST of the warehouse this run published to, with the
+    snapshot LATEST now names and its manifest sha256."""
     # imported by the task, not the DAG file: keeps pandas/pyarrow/boto3 out of its import time
     from pipelines.config import load_settings
     from pipelines.pipeline import snapshot_event
 
     settings = load_settings(**_settings_overrides(context["params"]))
-    context["outlet_events"][SNAPSHOT_ASSET].extra = snapshot_event(settings)
+    context["outlet_events"][SNAPSHOT_ALIAS].add(snapshot_asset(settings.warehouse), extra=snapshot_event(settings))
 
 
 # Stage -> the job file it spark-submits, and the validation stages a validate task checks.
@@ -220,7 +229,7 @@ def _pipeline(dag_id: str) -> None:
     tasks = [_stage_task("crawl", dag_id), _stage_task("dedup", dag_id), _stage_task("validate", dag_id),
              _stage_task("embed", dag_id, pool=GPU_POOL), _stage_task("build_index", dag_id, pool=PUBLISH_POOL),
              _stage_task("validate_index", dag_id),
-             _stage_task("publish", dag_id, pool=PUBLISH_POOL, outlets=[SNAPSHOT_ASSET])]
+             _stage_task("publish", dag_id, pool=PUBLISH_POOL, outlets=[SNAPSHOT_ALIAS])]
     for upstream, downstream in zip(tasks, tasks[1:]):
         upstream >> downstream
 

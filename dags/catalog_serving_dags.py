@@ -1,8 +1,8 @@
 """Airflow DAG of a serving host: pull each snapshot the pipeline publishes, as soon as it is published.
 
-`catalog_serving_pull` is scheduled on the snapshot asset (the warehouse's indexes/catalog/LATEST,
-see dags/catalog_index_dags.py). Each publish emits an event whose extra carries the snapshot id
-and its manifest sha256; the task pulls LATEST into the serving destination (every file's sha256
+`catalog_serving_pull` is scheduled on the snapshot asset of its warehouse (the warehouse's
+indexes/catalog/LATEST, named by that URI; see dags/catalog_index_dags.py). Each publish to that
+warehouse emits an event whose extra carries the snapshot id and its manifest sha256; the task pulls LATEST into the serving destination (every file's sha256
 verified, `current` swapped atomically), re-hashes the local copy and checks it against the
 announced manifest. A `catalog-index serve --snapshot-dir DEST` on the same host picks it up on
 its next refresh. No pipeline logic lives here.
@@ -25,8 +25,9 @@ from pipelines.layout import latest_uri
 
 DEFAULT_WAREHOUSE = os.environ.get("CATALOG_INDEX_WAREHOUSE", (Path.home() / ".catalog-index" / "warehouse").as_uri())
 DEFAULT_DEST = os.environ.get("CATALOG_INDEX_SERVING_DEST", str(Path.home() / ".catalog-index" / "snapshots" / "catalog"))
-# The same asset the nightly and backfill DAGs' publish task updates (same name, same URI).
-SNAPSHOT_ASSET = Asset(name="catalog_index_snapshot", uri=latest_uri(DEFAULT_WAREHOUSE, "catalog"))
+# This warehouse's LATEST, named by its URI: the asset that the nightly and backfill DAGs' publish task
+# emits an event for (through its alias) when a run publishes to this warehouse, and only then.
+SNAPSHOT_ASSET = Asset(uri=latest_uri(DEFAULT_WAREHOUSE, "catalog"))
 log = logging.getLogger(__name__)
 
 

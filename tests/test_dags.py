@@ -1,6 +1,7 @@
 """The Airflow DAGs import cleanly and describe the pipeline in order, with the promised policies;
 with a Spark connection their tasks spark-submit the stage jobs with the right flags; `dag.test()`
-of the nightly DAG publishes, and of the backfill DAG leaves the other categories alone."""
+of the nightly DAG publishes and announces it with an asset event that queues the serving DAG, and
+of the backfill DAG leaves the other categories alone."""
 import copy
 import hashlib
 import importlib
@@ -170,15 +171,18 @@ def nightly_run(tmp_path_factory):
     from pipelines.storage import open_storage
 
     root = tmp_path_factory.mktemp("dag-test")
+    warehouse = (root / "wh").as_uri()
+    # dag.test() syncs every DAG of the folder to the DB: catalog_serving_pull is parsed for the run's
+    # warehouse and, unpaused, is queued by the publish's asset event (no scheduler runs it here).
     env = {**os.environ, "AIRFLOW_HOME": str(root / "airflow"), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-           "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"), "CATALOG_INDEX_NO_PROGRESS": "1",
+           "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"), "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+           "CATALOG_INDEX_WAREHOUSE": warehouse, "CATALOG_INDEX_NO_PROGRESS": "1",
            "CATALOG_INDEX_INDEX__MAX_VECTORS_PER_SHARD": "10"}
     env.pop("CATALOG_INDEX_SPARK_CONN_ID", None)
     airflow = str(Path(sys.executable).parent / "airflow")
     subprocess.run([airflow, "db", "migrate"], env=env, check=True, capture_output=True)
     subprocess.run([airflow, "pools", "set", "catalog_index_publish", "1", "catalog-index build+publish"], env=env,
                    check=True, capture_output=True)
-    warehouse = (root / "wh").as_uri()
     with ImageServer() as server:
         rows = build_sample_manifest(server.base_url, 30)
         manifest = write_manifest_csv(rows, root / "manifest.csv")
@@ -209,6 +213,54 @@ def test_nightly_dag_test_publishes_a_snapshot(nightly_run):
         assert sample["query"].startswith(sample["results"][0]["product_id"] + " (")
     pictures = nightly_run.storage.read_text(f"reports/{nightly_id}/report.html").count("<img src='data:image")
     assert pictures >= sum(1 + len(sample["results"]) for sample in report["search_samples"])
+
+
+# What the run left in its Airflow metadata DB, read with Airflow's own session and models.
+ASSET_STATE_SCRIPT = """
+import json
+from sqlalchemy import select
+from airflow.models.asset import AssetDagRunQueue, AssetEvent, AssetModel
+from airflow.utils.session import create_session
+
+with create_session() as session:
+    print(json.dumps({
+        "assets": [[a.name, a.uri] for a in session.scalars(select(AssetModel))],
+        "events": [{"name": e.asset.name, "uri": e.asset.uri, "extra": e.extra, "dag_id": e.source_dag_id,
+                    "task_id": e.source_task_id, "aliases": [a.name for a in e.source_aliases]}
+                   for e in session.scalars(select(AssetEvent))],
+        "queued": [[q.target_dag_id, q.asset.uri] for q in session.scalars(select(AssetDagRunQueue))],
+    }))
+"""
+
+
+@pytest.mark.spark
+@pytest.mark.slow
+def test_nightly_publish_emits_the_asset_event_of_its_warehouse(nightly_run):
+    """The publish task's event in the run's own Airflow DB: one, for the LATEST of the warehouse the
+    run published to, announcing the snapshot and its manifest's sha256; catalog_serving_pull, parsed
+    for that warehouse, is queued by it. (The backfill test may add its own event: it is not counted.)"""
+    from pipelines.layout import latest_uri, snapshot_prefix
+    from pipelines.snapshot import MANIFEST_FILE
+
+    assert "STATE success" in nightly_run.result.stdout, _tail(nightly_run.result)
+    result = subprocess.run([sys.executable, "-c", ASSET_STATE_SCRIPT], env=nightly_run.env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, _tail(result)
+    state = json.loads(result.stdout.strip().splitlines()[-1])
+    uri = latest_uri(nightly_run.warehouse, "catalog")
+    snapshot_id = nightly_run.snapshot["snapshot_id"]
+    manifest = nightly_run.storage.read_bytes(snapshot_prefix("catalog", snapshot_id) + MANIFEST_FILE)
+
+    nightly = [e for e in state["events"] if e["dag_id"] == "catalog_nightly_reindex"]
+    assert nightly == [{"name": uri, "uri": uri, "task_id": "publish", "dag_id": "catalog_nightly_reindex",
+                        "aliases": ["catalog_index_snapshot"],
+                        "extra": {"snapshot_id": snapshot_id,
+                                  "manifest_sha256": hashlib.sha256(manifest).hexdigest()}}], state["events"]
+    # Every event of the module's runs is for this warehouse's asset: none for another warehouse's
+    # (the one the DAG file would default to without CATALOG_INDEX_WAREHOUSE) nor for a shared name.
+    assert {(e["name"], e["uri"]) for e in state["events"]} == {(uri, uri)}
+    assert [name for name, _ in state["assets"]] == [uri]
+    assert ["catalog_serving_pull", uri] in state["queued"], state["queued"]
 
 
 def _new_product(rows: list[dict], base_url: str) -> tuple[dict, bytes]:

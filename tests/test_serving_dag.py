@@ -1,39 +1,88 @@
-"""The snapshot asset names the warehouse's LATEST (not the repository), publish and the serving
-DAG share it, and the serving DAG's task pulls, re-verifies and checks what was announced."""
+"""The snapshot asset names the warehouse's LATEST (not the repository), one asset per warehouse;
+publish emits its event for the warehouse the run published to, which the serving DAG of that
+warehouse (and no other) is scheduled on; the serving DAG's task pulls, re-verifies and checks
+what was announced."""
 from __future__ import annotations
 
-import os
+import importlib.util
+import json
+from pathlib import Path
 
 import pytest
 
 from pipelines.config import IndexSettings, load_settings
 from pipelines.index import build_index
-from pipelines.layout import latest_uri
+from pipelines.layout import latest_key, latest_uri
 from pipelines.pipeline import pull_announced_snapshot, snapshot_event
 from pipelines.publish import publish_snapshot
 from pipelines.snapshot import SnapshotVerificationError
 from pipelines.storage import open_storage
 from synthetic_catalog import MODEL, write_catalog
 
+DAGS = Path(__file__).resolve().parents[1] / "dags"
 
-def test_publish_and_the_serving_dag_share_the_warehouse_latest_asset(tmp_path, monkeypatch):
+
+@pytest.fixture
+def airflow_home(tmp_path, monkeypatch):
     monkeypatch.setenv("AIRFLOW_HOME", str(tmp_path / "airflow"))
     monkeypatch.setenv("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
+
+
+def _parse_dag_file(file: str, warehouse: str, monkeypatch):
+    """A DAG file parsed as the scheduler parses it with CATALOG_INDEX_WAREHOUSE=warehouse."""
+    monkeypatch.setenv("CATALOG_INDEX_WAREHOUSE", warehouse)
+    spec = importlib.util.spec_from_file_location(f"{Path(file).stem}_{abs(hash(warehouse))}", DAGS / file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_publish_and_the_serving_dag_share_the_warehouse_latest_asset(tmp_path, monkeypatch, airflow_home):
     warehouse = (tmp_path / "wh").as_uri()
     monkeypatch.setenv("CATALOG_INDEX_WAREHOUSE", warehouse)
     from airflow.dag_processing.dagbag import DagBag
 
-    bag = DagBag(dag_folder=str(os.path.join(os.path.dirname(__file__), "..", "dags")))
+    bag = DagBag(dag_folder=str(DAGS))
     assert bag.import_errors == {}
     expected = latest_uri(warehouse, "catalog")
     assert expected == f"{warehouse}/indexes/catalog/LATEST"
     for dag_id in ("catalog_nightly_reindex", "catalog_backfill"):
+        # an alias: the run, not the parse, decides which warehouse's asset its event is for
         [outlet] = bag.dags[dag_id].get_task("publish").outlets
-        assert (outlet.name, outlet.uri) == ("catalog_index_snapshot", expected)
+        assert (type(outlet).__name__, outlet.name) == ("AssetAlias", "catalog_index_snapshot")
     serving = bag.dags["catalog_serving_pull"]
     assert type(serving.timetable).__name__ == "AssetTriggeredTimetable"
-    assert [(a.name, a.uri) for a in serving.timetable.asset_condition.objects] == [("catalog_index_snapshot", expected)]
+    # named by its URI: Airflow identifies an asset by name and URI and keeps one active asset per name
+    assert [(a.name, a.uri) for a in serving.timetable.asset_condition.objects] == [(expected, expected)]
     assert list(serving.task_dict) == ["pull_and_verify"] and serving.max_active_runs == 1
+
+
+def test_a_run_announces_the_warehouse_it_published_to(tmp_path, monkeypatch, airflow_home):
+    """A DAG file parsed with warehouse A, a run whose conf names warehouse B: the event is for B's
+    LATEST, the asset B's serving DAG is scheduled on, and nothing is announced to A's."""
+    from airflow.sdk.execution_time.context import OutletEventAccessors
+    from airflow.sdk.definitions.asset import AssetUniqueKey
+
+    default, published = (tmp_path / "a").as_uri(), (tmp_path / "b").as_uri()
+    dags = _parse_dag_file("catalog_index_dags.py", default, monkeypatch)
+    serving_a = _parse_dag_file("catalog_serving_dags.py", default, monkeypatch)
+    serving_b = _parse_dag_file("catalog_serving_dags.py", published, monkeypatch)
+    snapshot_id, manifest_sha256 = "20261123T031500.123Z-1a2b", "ab" * 32
+    open_storage(published).write_text(latest_key("catalog"), json.dumps(
+        {"snapshot_id": snapshot_id, "manifest_sha256": manifest_sha256}))
+
+    params = {**dags.nightly.params.validate(), "warehouse": published}
+    assert dags.nightly.params["warehouse"] == default
+    outlet_events = OutletEventAccessors()
+    dags.announce_snapshot({"params": params, "outlet_events": outlet_events})
+
+    [(key, accessor)] = outlet_events._dict.items()  # the alias only: no event for a concrete asset of A
+    assert key.name == dags.nightly.get_task("publish").outlets[0].name
+    [event] = accessor.asset_alias_events
+    assert event.dest_asset_key == AssetUniqueKey.from_asset(serving_b.SNAPSHOT_ASSET)
+    assert event.dest_asset_key.uri == latest_uri(published, "catalog")
+    assert event.dest_asset_key != AssetUniqueKey.from_asset(serving_a.SNAPSHOT_ASSET)
+    assert event.extra == {"snapshot_id": snapshot_id, "manifest_sha256": manifest_sha256}
 
 
 def test_the_serving_pull_checks_what_was_announced(tmp_path):
