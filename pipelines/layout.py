@@ -16,6 +16,7 @@ warehouse folder). Keys are relative to the warehouse root and use "/" on every 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from datetime import datetime, timezone
 from urllib.parse import quote, unquote
 
@@ -171,8 +172,23 @@ def latest_key(name: str) -> str:
 
 
 def latest_uri(warehouse: str, name: str) -> str:
-    """The full URI of an index's LATEST pointer (the Airflow asset a publish updates)."""
-    return f"{warehouse.rstrip('/')}/{latest_key(name)}"
+    """The full URI of an index's LATEST pointer (the Airflow asset a publish updates). One warehouse
+    gets one URI however it is spelt (`/srv/wh`, `file:///srv/wh/`, `file:///srv/x/../wh`;
+    `s3://b//p/`), so a publish and the serving DAG scheduled on it always meet."""
+    return f"{canonical_warehouse(warehouse)}/{latest_key(name)}"
+
+
+def canonical_warehouse(warehouse: str) -> str:
+    """`warehouse` as a URI without a trailing slash: a local path becomes an absolute file:// URI
+    (symlinks resolved), an s3:// URI loses empty path segments."""
+    if warehouse.startswith("s3://"):
+        bucket, _, prefix = warehouse[len("s3://"):].partition("/")
+        parts = [part for part in prefix.split("/") if part]
+        return "/".join([f"s3://{bucket}", *parts])
+    path = unquote(warehouse[len("file://"):]) if warehouse.startswith("file://") else warehouse
+    if "://" in path:  # another scheme: left as given
+        return warehouse.rstrip("/")
+    return Path(path).expanduser().resolve().as_uri()
 
 
 def build_staging_prefix(snapshot_prefix_: str) -> str:

@@ -113,3 +113,17 @@ def test_the_serving_pull_checks_what_was_announced(tmp_path):
     with pytest.raises(SnapshotVerificationError, match="announced"):
         pull_announced_snapshot(settings, str(dest), forged)
     assert pull_announced_snapshot(settings, str(dest), None)["snapshot_id"] == second  # a manual run
+
+
+def test_one_warehouse_is_one_asset_however_it_is_spelt(tmp_path):
+    """A publish to `/srv/wh` must trigger a serving DAG configured with `file:///srv/wh/`: Airflow
+    matches assets by URI string, so the URI is canonical."""
+    real = tmp_path / "wh"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    spellings = [str(real), str(real) + "/", real.as_uri(), real.as_uri() + "/", str(tmp_path / "x" / ".." / "wh"),
+                 str(tmp_path / "link"), (tmp_path / "link").as_uri()]
+    assert {latest_uri(spelling, "catalog") for spelling in spellings} == {f"{real.resolve().as_uri()}/indexes/catalog/LATEST"}
+    assert latest_uri("s3://bucket//team/wh/", "catalog") == latest_uri("s3://bucket/team/wh", "catalog") \
+        == "s3://bucket/team/wh/indexes/catalog/LATEST"
+    assert latest_uri("s3://bucket", "catalog") == "s3://bucket/indexes/catalog/LATEST"
