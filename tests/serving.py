@@ -17,6 +17,7 @@ from pathlib import Path
 import pyarrow as pa
 import requests
 
+from pipelines.client import pull
 from pipelines.config import IndexSettings, load_settings
 from pipelines.index import build_index
 from pipelines.layout import dedup_images_key, embeddings_prefix
@@ -83,6 +84,15 @@ class RealCatalog:
     def publish(self, spec=None) -> dict:
         built = build_index(self.settings, "r1", model=spec or self.spec, cfg=CFG, runner="local")
         return publish_snapshot(self.storage, "catalog", snapshot_id=built.snapshot_id).manifest
+
+
+def pulled_catalog(root: Path) -> RealCatalog:
+    """A RealCatalog whose first snapshot (`.first`, its manifest) is published and pulled into `.dest`."""
+    catalog = RealCatalog(root)
+    catalog.first = catalog.publish()
+    catalog.dest = root / "serving"
+    pull(catalog.uri, catalog.dest)
+    return catalog
 
 
 def free_port() -> int:

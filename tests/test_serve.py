@@ -20,10 +20,10 @@ import pytest
 import requests
 from PIL import Image
 
-from pipelines.client import SnapshotClient, pull
+from pipelines.client import SnapshotClient
 from pipelines.layout import snapshot_prefix
 from pipelines.serve import ServeSettings
-from serving import OPENCLIPART, RealCatalog, Service
+from serving import OPENCLIPART, Service, pulled_catalog
 
 pytestmark = pytest.mark.skipif(not OPENCLIPART.is_dir(), reason="sample catalog (openclipart-png) not installed")
 
@@ -32,12 +32,7 @@ KEY = "test-key-0123456789abcdef"
 
 @pytest.fixture(scope="module")
 def catalog(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve")
-    catalog = RealCatalog(root)
-    catalog.first = catalog.publish()
-    catalog.dest = root / "serving"
-    pull(catalog.uri, catalog.dest)
-    return catalog
+    return pulled_catalog(tmp_path_factory.mktemp("serve"))
 
 
 @pytest.fixture(scope="module")

@@ -54,8 +54,11 @@ def _add_serve(sub) -> None:
     p.add_argument("--refresh-s", type=float, default=30.0, metavar="S",
                    help="seconds between checks for a new snapshot (default 30)")
     p.add_argument("--workers", type=int, default=1, metavar="N",
-                   help="uvicorn worker processes, each with its own model and follower; mapped shards are "
-                        "shared through the page cache (default 1; on a CPU host one worker per 4 cores or so)")
+                   help="worker processes on one port (default 1; on a CPU host one worker per 4 cores or so). "
+                        "Each loads its own model and follows the snapshot on its own, and takes connections "
+                        "once its snapshot is loaded; the memory-mapped shards are shared through the page "
+                        "cache. A worker that dies is restarted; SIGTERM stops all. /metrics counts the whole "
+                        "service (snapshot gauges: one series per worker, label pid = the X-Worker header)")
     p.add_argument("--api-key-file", metavar="FILE",
                    help="require `Authorization: Bearer <key>` (key = first line of FILE) on everything but "
                         "/healthz; browsers get a login prompt where the key is the password")

@@ -7,7 +7,9 @@
     GET  /healthz, /readyz, /metrics, /docs, /
 A request reads `live.current` once and finishes on that snapshot, whatever a swap does
 meanwhile. Every failure a client can cause is an ApiError (4xx, JSON {"error", "detail"});
-503 while no snapshot is loaded. This module must never let a client's input become a 500.
+503 while no snapshot is loaded. With `--workers N` (`run_server`) every response carries
+`X-Worker: <pid>` and a worker takes connections only once its first snapshot is loaded. This module
+must never let a client's input become a 500.
 """
 from __future__ import annotations
 
@@ -15,9 +17,12 @@ import base64
 import hmac
 import logging
 import os
+import shutil
+import tempfile
 import time
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from fastapi import FastAPI, Path as PathParam, Query as QueryParam, Request
@@ -30,7 +35,7 @@ from starlette.routing import Match
 from pipelines.search import Hit, SnapshotError
 from pipelines.decode import ImageDecodeError
 from pipelines.serve.live import Loaded, LiveSnapshot
-from pipelines.serve.metrics import ServiceMetrics
+from pipelines.serve.metrics import MULTIPROC_ENV, ServiceMetrics
 from pipelines.serve.model import timed
 from pipelines.serve.queries import (ApiError, decode_error, fetch_image, image_fetcher, parse_query,
                                      read_body)
@@ -38,6 +43,7 @@ from pipelines.serve.settings import ENV_SETTINGS, ServeSettings
 
 PAGE = Path(__file__).with_name("page.html")
 OPEN_PATHS = {"/healthz"}                       # no token needed
+FIRST_LOAD_WAIT_S = 60.0                        # --workers N: how long a worker's startup waits for its snapshot
 log = logging.getLogger("catalog_index.serve")
 
 SEARCH_BODY = {
@@ -66,18 +72,26 @@ ERRORS = {status: {"description": text, "content": {"application/json": {"exampl
 
 
 def create_app(settings: ServeSettings, live: LiveSnapshot | None = None) -> FastAPI:
-    metrics = ServiceMetrics()
+    several = settings.workers > 1  # this app is one of several worker processes (`run_server`)
+    metrics = ServiceMetrics(across_workers=several)
     live = live or LiveSnapshot(settings, metrics)
     fetcher = image_fetcher(settings.max_upload_bytes, settings.image_url_timeout_s, settings.allow_private_image_urls)
+    worker = {"X-Worker": str(os.getpid())} if several else {}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         live.start()
+        if several:
+            # A worker accepts connections once its first snapshot is loaded (or failed): a worker
+            # started to replace a dead one must not answer 503 while its siblings could answer.
+            # Bounded, so that a service whose warehouse has nothing yet still starts (and says 503).
+            await run_in_threadpool(live.first_check_done.wait, FIRST_LOAD_WAIT_S)
         try:
             yield
         finally:
             live.stop()
             fetcher.close()
+            metrics.close()
 
     app = FastAPI(title="catalog-index search", version="1", lifespan=lifespan,
                   description="Visual search over the live catalog-index snapshot. Send a product photo, get "
@@ -100,6 +114,7 @@ def create_app(settings: ServeSettings, live: LiveSnapshot | None = None) -> Fas
             log.exception("unexpected error")
             response = JSONResponse({"error": "internal", "detail": "the service failed on this request; it is "
                                                                     "logged"}, status_code=500)
+        response.headers.update(worker)
         endpoint = _endpoint(app, request.scope)
         metrics.requests.labels(endpoint, str(response.status_code)).inc()
         metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
@@ -306,8 +321,10 @@ def _error_response(error: ApiError) -> JSONResponse:
 
 
 def run_server(settings: ServeSettings) -> None:
-    """Run uvicorn in the foreground: one process, or `settings.workers` processes each with its
-    own follower and model (they share the page cache of the memory-mapped shards)."""
+    """Run uvicorn in the foreground: one process, or `settings.workers` worker processes under
+    uvicorn's supervisor (it restarts a worker that dies; SIGTERM stops them all). Each worker loads
+    its own model and follows the snapshot on its own; the memory-mapped shards share the page cache;
+    /metrics merges every worker's counts through a private directory removed on exit."""
     # uvicorn: kept out of import time (the CLI's --help imports this package's parent)
     import uvicorn
 
@@ -316,8 +333,26 @@ def run_server(settings: ServeSettings) -> None:
     if settings.workers == 1:
         uvicorn.run(create_app(settings), **common)
         return
-    os.environ[ENV_SETTINGS] = settings.to_env()
-    uvicorn.run("pipelines.serve.app:app_from_env", factory=True, workers=settings.workers, **common)
+    with _worker_environment(settings):
+        uvicorn.run("pipelines.serve.app:app_from_env", factory=True, workers=settings.workers, **common)
+
+
+@contextmanager
+def _worker_environment(settings: ServeSettings) -> Iterator[None]:
+    """What the workers (fresh interpreters) inherit: the settings, and a fresh private directory for
+    Prometheus' multiprocess files, set before they import prometheus_client; removed afterwards."""
+    metrics_dir = tempfile.mkdtemp(prefix="catalog-index-metrics-")  # mode 0700
+    saved = {name: os.environ.get(name) for name in (ENV_SETTINGS, MULTIPROC_ENV)}
+    os.environ[ENV_SETTINGS], os.environ[MULTIPROC_ENV] = settings.to_env(), metrics_dir
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 def app_from_env() -> FastAPI:

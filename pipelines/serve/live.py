@@ -76,6 +76,7 @@ class LiveSnapshot:
         self._reload_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.first_check_done = threading.Event()  # the follower's first check ended (whatever its outcome)
 
     # -- following ------------------------------------------------------------------------
 
@@ -91,6 +92,7 @@ class LiveSnapshot:
     def _follow(self) -> None:
         while not self._stop.is_set():
             self.check()
+            self.first_check_done.set()
             self._stop.wait(self.settings.refresh_s if self.current else min(self.settings.refresh_s, 2.0))
 
     def check(self) -> ReloadOutcome:
