@@ -39,9 +39,18 @@ from pipelines.config import S3Settings
 from pipelines.layout import snapshot_prefix
 from pipelines.search import (VERIFIED_MARKER, Hit, OpenSnapshot, QueryResult, SnapshotError,  # noqa: F401
                               locally_verified as _locally_verified)
-from pipelines.snapshot import (MANIFEST_FILE, MODEL_PCA_PATH, SnapshotVerificationError,
-                                check_index_name, contained_path, parse_manifest, read_latest, sha256_of_file)
-from pipelines.storage import StorageError, open_storage, read_uri_bytes
+from pipelines.snapshot import (MANIFEST_FILE, MODEL_PCA_PATH, SnapshotVerificationError, check_index_name,
+                                contained_path, parse_manifest, read_latest, read_manifest_bytes, sha256_of_file)
+from pipelines.storage import SizeMismatch, StorageError, open_storage, read_uri_bytes
+
+# Free space a pull leaves on top of what the manifest declares (and 5% of it): filesystem blocks rounded up
+# per file, the marker, and room for whatever else writes to that disk meanwhile.
+FREE_SPACE_MARGIN_BYTES = 256 * 1024 * 1024
+
+
+class InsufficientSpace(SnapshotError):
+    """The destination lacks the free space the snapshot's manifest declares: nothing was downloaded."""
+
 
 # ------------------------------------------------------------------------------------------
 # pull
@@ -80,6 +89,10 @@ def pull(warehouse: str, dest: str | os.PathLike, *, s3: S3Settings | None = Non
 
     Raises SnapshotVerificationError (and leaves `current` untouched) when any file's size or
     sha256 differs from the manifest, or the manifest from the sha256 recorded in LATEST.
+    Nothing the warehouse holds makes it read or write unbounded bytes: LATEST and the manifest are
+    read up to a cap (snapshot.LATEST_MAX_BYTES, MANIFEST_MAX_BYTES); InsufficientSpace, before any
+    download, when the files the manifest declares do not fit the free space at `dest`; and no file
+    is written past the size its manifest record declares.
     """
     dest = Path(dest).expanduser().resolve()
     check_index_name(index_name, "--index-name")
@@ -107,7 +120,7 @@ def _download_verified(storage, index_name: str, snapshot_id: str, expected_mani
                        snapshots: Path) -> None:
     prefix = snapshot_prefix(index_name, snapshot_id)
     try:
-        manifest_data = storage.read_bytes(prefix + MANIFEST_FILE)
+        manifest_data = read_manifest_bytes(storage, index_name, snapshot_id)
     except StorageError as exc:
         raise SnapshotError(f"LATEST names {snapshot_id} but its manifest cannot be read ({exc}); "
                             "it may have been retired meanwhile: pull again") from exc
@@ -116,13 +129,17 @@ def _download_verified(storage, index_name: str, snapshot_id: str, expected_mani
                                         "refusing the snapshot", [MANIFEST_FILE])
     manifest = parse_manifest(manifest_data, storage.uri_for(prefix + MANIFEST_FILE), index_name, snapshot_id)
     snapshots.mkdir(parents=True, exist_ok=True)
+    _check_free_space(snapshots, snapshot_id, sum(record["bytes"] for record in manifest["files"]) + len(manifest_data))
     staging = snapshots / f".partial-{snapshot_id}-{secrets.token_hex(4)}"
     try:
         bad = []
         for record in manifest["files"]:
             local = contained_path(staging, record["path"])
-            try:
-                storage.download_file(prefix + record["path"], local)
+            try:  # never more than the manifest's size on disk, whatever the object holds
+                storage.download_file(prefix + record["path"], local, expected_bytes=record["bytes"])
+            except SizeMismatch as exc:
+                bad.append(f"{record['path']} ({exc.found}; manifest says {record['bytes']} bytes)")
+                continue
             except StorageError as exc:
                 raise SnapshotError(f"cannot download {record['path']} of snapshot {snapshot_id} ({exc}); "
                                     "if it was retired meanwhile, pull again") from exc
@@ -133,7 +150,7 @@ def _download_verified(storage, index_name: str, snapshot_id: str, expected_mani
         if bad:
             raise SnapshotVerificationError(
                 f"snapshot {snapshot_id} failed verification, kept the current local copy: " + "; ".join(bad)
-                + ". The warehouse copy is damaged: roll back (`catalog-index rollback --to ID`) or republish",
+                + ". The warehouse copy is damaged or hostile: roll back (`catalog-index rollback --to ID`) or republish",
                 bad)
         (staging / MANIFEST_FILE).write_bytes(manifest_data)
         (staging / VERIFIED_MARKER).write_text(hashlib.sha256(manifest_data).hexdigest() + "\n")
@@ -143,6 +160,21 @@ def _download_verified(storage, index_name: str, snapshot_id: str, expected_mani
         os.rename(staging, final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _check_free_space(directory: Path, snapshot_id: str, needed: int) -> None:
+    """Refuse, before any download, a snapshot whose declared size (plus a margin) exceeds the free space."""
+    free = shutil.disk_usage(directory).free
+    needed += FREE_SPACE_MARGIN_BYTES + needed // 20  # integers: a hostile manifest may declare 10**100 bytes
+    if needed > free:
+        raise InsufficientSpace(f"snapshot {snapshot_id} needs {_gigabytes(needed)} GB (its files, plus a "
+                                f"margin), only {_gigabytes(free)} GB free at {directory}: free space or pull elsewhere")
+
+
+def _gigabytes(size: int) -> str:
+    """Decimal GB with one digit, in integers: exact for any size."""
+    tenths = (size + 50_000_000) // 100_000_000
+    return f"{tenths // 10:,}.{tenths % 10}"
 
 
 def _point_current(dest: Path, snapshot_id: str) -> None:

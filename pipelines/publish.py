@@ -46,12 +46,13 @@ from typing import Iterator
 from pipelines.errors import StageRefused
 from pipelines.layout import (cas_probe_key, hold_key, holds_prefix, index_prefix, latest_key, retiring_key,
                               snapshot_prefix, validation_report_key)
-from pipelines.snapshot import (BUILD_FILE, MANIFEST_FILE, MANIFEST_VERSION, ManifestInvalid, PointerInvalid,  # noqa: F401
-                                PublishError, SnapshotVerificationError, check_index_name, check_snapshot_id,
-                                is_snapshot_id, manifest_bytes, parse_latest, parse_manifest, read_build, read_latest,
-                                read_manifest, sha256_of_file, snapshot_files, validate_manifest,
+from pipelines.snapshot import (BUILD_FILE, BUILD_MAX_BYTES, LATEST_MAX_BYTES, MANIFEST_FILE,  # noqa: F401
+                                MANIFEST_MAX_BYTES, MANIFEST_VERSION, ManifestInvalid, PointerInvalid, PublishError,
+                                SnapshotVerificationError, check_index_name, check_snapshot_id, is_snapshot_id,
+                                latest_too_large, manifest_bytes, parse_latest, parse_manifest, read_build, read_latest,
+                                read_manifest, read_manifest_bytes, sha256_of_file, snapshot_files, validate_manifest,
                                 verify_snapshot_files)
-from pipelines.storage import S3Storage, Storage, StorageError, WriteConflict
+from pipelines.storage import ObjectTooLarge, S3Storage, Storage, StorageError, WriteConflict
 
 log = logging.getLogger(__name__)
 UNKNOWN_BASE = object()  # a build from before base_snapshot was recorded
@@ -72,8 +73,8 @@ def _snapshot_dirs(storage: Storage, index_name: str) -> list[str]:
     return [name for name in storage.list_dirs(index_prefix(index_name)) if is_snapshot_id(name)]
 
 
-def _read_json(storage: Storage, key: str) -> dict:
-    return json.loads(storage.read_text(key))
+def _read_json(storage: Storage, key: str, max_bytes: int | None = None) -> dict:
+    return json.loads(storage.read_text(key, max_bytes))
 
 
 def _index_gate_stopped(storage: Storage, run_id: str) -> bool:
@@ -100,7 +101,7 @@ def find_build(storage: Storage, index_name: str, snapshot_id: str | None = None
             continue
         if run_id is None and storage.exists(prefix + MANIFEST_FILE):
             continue
-        build = _read_json(storage, prefix + BUILD_FILE)
+        build = _read_json(storage, prefix + BUILD_FILE, BUILD_MAX_BYTES)
         if run_id is not None:
             if build.get("source_run_id") == run_id:
                 return build
@@ -136,7 +137,12 @@ def read_latest_versioned(storage: Storage, index_name: str, strict: bool = True
     so that a rollback can still replace it by compare-and-swap."""
     check_index_name(index_name)
     key = latest_key(index_name)
-    got = storage.read_versioned(key)
+    try:
+        got = storage.read_versioned(key, LATEST_MAX_BYTES)
+    except ObjectTooLarge as exc:
+        if strict:
+            raise latest_too_large(exc) from exc
+        return {"snapshot_id": None, "invalid": str(latest_too_large(exc))}, exc.version
     if got is None:
         return None, None
     data, version = got
@@ -181,12 +187,12 @@ def swap_latest(storage: Storage, index_name: str, expected: str | None, snapsho
     try:
         storage.write_if(latest_key(index_name), data, version)
     except WriteConflict:
-        now = storage.read_versioned(latest_key(index_name))
-        if now is not None and now[0] == data:
-            return
         try:
+            now = storage.read_versioned(latest_key(index_name), LATEST_MAX_BYTES)
+            if now is not None and now[0] == data:
+                return
             moved_to = parse_latest(now[0].decode("utf-8", "replace"), "LATEST")["snapshot_id"] if now else None
-        except PointerInvalid:
+        except (PointerInvalid, ObjectTooLarge):
             moved_to = "an unreadable pointer"
         raise LatestMoved(_moved_message(index_name, expected, moved_to, action)) from None
 
@@ -375,12 +381,16 @@ def _first_publish(storage: Storage, index_name: str, build: dict, min_recall: f
     threshold = min_recall if min_recall is not None else build.get("settings", {}).get("min_recall", 0.0)
     manifest = validate_manifest(make_manifest(build, base, threshold), f"manifest of {snapshot_id}")
     data = manifest_bytes(manifest)
+    if len(data) > MANIFEST_MAX_BYTES:  # pull would refuse it: never publish a snapshot nobody can pull
+        raise PublishError(f"the manifest of {snapshot_id} would be {len(data):,} bytes, past the "
+                           f"{MANIFEST_MAX_BYTES:,} bytes pull reads (snapshot.MANIFEST_MAX_BYTES): build fewer, "
+                           "larger shards (index.max_vectors_per_shard)")
     try:
         storage.write_if(prefix + MANIFEST_FILE, data, None)  # created once: a snapshot is immutable
     except WriteConflict:
         raise PublishError(f"snapshot {snapshot_id} was published by another process at the same time; "
                            "run publish again to complete it") from None
-    if storage.read_bytes(prefix + MANIFEST_FILE) != data:
+    if read_manifest_bytes(storage, index_name, snapshot_id) != data:
         raise SnapshotVerificationError(f"{storage.uri_for(prefix + MANIFEST_FILE)} reads back different from what "
                                         "was written; LATEST left unchanged. Check the object store", [MANIFEST_FILE])
     swap_latest(storage, index_name, base, snapshot_id, _sha256(data), "publish")
@@ -391,7 +401,7 @@ def _complete_publish(storage: Storage, index_name: str, snapshot_id: str) -> tu
     """A publish that stopped after writing the manifest (or a rerun): make the snapshot live by
     compare-and-swap from the base its manifest records, or find that it already is."""
     prefix = snapshot_prefix(index_name, snapshot_id)
-    data = storage.read_bytes(prefix + MANIFEST_FILE)
+    data = read_manifest_bytes(storage, index_name, snapshot_id)
     manifest = parse_manifest(data, storage.uri_for(prefix + MANIFEST_FILE), index_name, snapshot_id)
     pointer = read_latest(storage, index_name)
     if pointer and pointer["snapshot_id"] == snapshot_id:
@@ -456,7 +466,7 @@ def _snapshot_info(storage: Storage, index_name: str, snapshot_id: str, live: st
                 manifest["totals"]["shards"], manifest["recall_at_10"]["min"], manifest["totals"]["bytes"],
                 manifest.get("backfill"), manifest.get("base_snapshot", manifest["previous_snapshot"]))
         if storage.exists(prefix + BUILD_FILE):
-            build = _read_json(storage, prefix + BUILD_FILE)
+            build = _read_json(storage, prefix + BUILD_FILE, BUILD_MAX_BYTES)
             recalls = [s["recall_at_10"] for s in build["shards"]]
             base = build_base(build)
             return SnapshotInfo(
@@ -465,7 +475,7 @@ def _snapshot_info(storage: Storage, index_name: str, snapshot_id: str, live: st
                 sum(s["products"] for s in build["shards"]), len(build["shards"]), min(recalls, default=None),
                 backfill=build.get("backfill"), base_snapshot=None if base is UNKNOWN_BASE else base)
         return SnapshotInfo(snapshot_id, "incomplete")
-    except (StorageError, ValueError, KeyError, TypeError, PointerInvalid) as exc:
+    except (StorageError, ValueError, KeyError, TypeError, PointerInvalid, SnapshotVerificationError) as exc:
         # ManifestInvalid and PublishError are ValueErrors: all mean "cannot tell", never "safe to delete"
         return SnapshotInfo(snapshot_id, f"unknown: {exc}")
 
@@ -527,7 +537,7 @@ def rollback(storage: Storage, index_name: str, to_snapshot_id: str) -> dict:
             published = [s.snapshot_id for s in list_snapshots(storage, index_name) if s.state in ("live", "published")]
             raise PublishError(f"{to_snapshot_id} is not a published snapshot of index {index_name!r} "
                                f"(published: {', '.join(published) or 'none'})")
-        data = storage.read_bytes(prefix + MANIFEST_FILE)
+        data = read_manifest_bytes(storage, index_name, to_snapshot_id)
         manifest = parse_manifest(data, storage.uri_for(prefix + MANIFEST_FILE), index_name, to_snapshot_id)
         verify_snapshot_files(storage, prefix, manifest["files"])
         swap_latest(storage, index_name, expected, to_snapshot_id, _sha256(data), "rollback")

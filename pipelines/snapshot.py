@@ -18,7 +18,7 @@ from pathlib import Path
 
 from pipelines.errors import StageRefused, UsageError, VerificationFailed
 from pipelines.layout import latest_key, snapshot_prefix
-from pipelines.storage import Storage, StorageError
+from pipelines.storage import ObjectTooLarge, SizeMismatch, Storage, StorageError
 
 MANIFEST_FILE = "manifest.json"      # written by publish; its sha256 is recorded in LATEST
 MANIFEST_VERSION = 1
@@ -27,6 +27,17 @@ BUILD_FILE = "_build.json"           # written by build-index: shards, vectors, 
 METRIC = "inner_product"             # vectors are L2-normalised: inner product = cosine
 MODEL_PCA_PATH = "model/pca.npz"     # the PCA the vectors were projected with, when there is one
 RECALL_K = 10                        # recall@K measured per shard and recorded in the manifest
+
+# Caps on what a reader reads of LATEST, a manifest or a build report: the warehouse may be written by more
+# than the pipeline, and a 10 GB "manifest.json" must not be read into a serving host's memory. LATEST holds
+# one JSON pointer of ~200 bytes. A manifest takes ~1.6 KB per shard (the shard's entry with its two file
+# records, the same two records in `files`, one line per category name) and _build.json ~1.2 KB: 64 MiB is
+# ~40,000 shards (40 billion vectors at the default index.max_vectors_per_shard) or ~1 million category
+# names, far past any catalog. publish refuses to write a manifest past the cap, so every published
+# snapshot can be pulled.
+LATEST_MAX_BYTES = 64 * 1024
+MANIFEST_MAX_BYTES = 64 * 1024 * 1024
+BUILD_MAX_BYTES = MANIFEST_MAX_BYTES
 
 
 class PublishError(StageRefused, ValueError):
@@ -151,7 +162,28 @@ def read_latest(storage: Storage, index_name: str) -> dict | None:
     key = latest_key(index_name)
     if not storage.exists(key):
         return None
-    return parse_latest(storage.read_text(key), storage.uri_for(key))
+    try:
+        text = storage.read_text(key, LATEST_MAX_BYTES)
+    except ObjectTooLarge as exc:
+        raise latest_too_large(exc) from exc
+    return parse_latest(text, storage.uri_for(key))
+
+
+def latest_too_large(exc: ObjectTooLarge) -> PointerInvalid:
+    return PointerInvalid(f"{exc}: publish writes a pointer of a few hundred bytes, so this LATEST is damaged or "
+                          "was written by something else; refusing it. Repoint it with `catalog-index rollback --to ID`")
+
+
+def read_manifest_bytes(storage: Storage, index_name: str, snapshot_id: str) -> bytes:
+    """The bytes of a snapshot's manifest.json, at most MANIFEST_MAX_BYTES (SnapshotVerificationError beyond:
+    never serve it); StorageError when it cannot be read."""
+    key = snapshot_prefix(index_name, snapshot_id) + MANIFEST_FILE
+    try:
+        return storage.read_bytes(key, MANIFEST_MAX_BYTES)
+    except ObjectTooLarge as exc:
+        raise SnapshotVerificationError(
+            f"{exc}: a manifest takes about 2 KB per shard, so the warehouse copy of snapshot {snapshot_id} is damaged "
+            "or hostile; refusing it. Roll back (`catalog-index rollback --to ID`) or republish", [MANIFEST_FILE]) from exc
 
 
 def read_manifest(storage: Storage, index_name: str, snapshot_id: str, expected_sha256: str | None = None) -> dict:
@@ -160,7 +192,7 @@ def read_manifest(storage: Storage, index_name: str, snapshot_id: str, expected_
     check_snapshot_id(snapshot_id, f"a request for index {index_name!r}", PublishError)
     key = snapshot_prefix(index_name, snapshot_id) + MANIFEST_FILE
     try:
-        data = storage.read_bytes(key)
+        data = read_manifest_bytes(storage, index_name, snapshot_id)
     except StorageError as exc:
         raise PublishError(f"snapshot {snapshot_id} of index {index_name!r} has no manifest ({exc}); "
                            "`catalog-index snapshots` lists the published ones") from exc
@@ -190,7 +222,7 @@ def read_build(storage: Storage, index_name: str, snapshot_id: str) -> dict:
     if not storage.exists(key):
         raise PublishError(f"{storage.uri_for(key)} does not exist: snapshot {snapshot_id} was never built "
                            "(or its build stopped early); run build-index")
-    return json.loads(storage.read_text(key))
+    return json.loads(storage.read_text(key, BUILD_MAX_BYTES))
 
 
 # ------------------------------------------------------------------------------------------
@@ -233,7 +265,10 @@ def verify_snapshot_files(storage: Storage, prefix: str, files: list[dict]) -> N
         for record in files:
             local = Path(scratch) / "file"
             try:
-                storage.download_file(prefix + record["path"], local)
+                storage.download_file(prefix + record["path"], local, expected_bytes=record["bytes"])
+            except SizeMismatch as exc:
+                bad.append(f"{record['path']} ({exc.found}; expected {record['bytes']} bytes)")
+                continue
             except (StorageError, OSError) as exc:
                 bad.append(f"{record['path']} (missing: {exc})")
                 continue

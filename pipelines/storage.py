@@ -20,6 +20,7 @@ import io
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Iterator
 from urllib.parse import unquote, urlparse
@@ -37,6 +38,27 @@ class StorageError(UsageError, RuntimeError):
     """A warehouse operation failed; the message names the URI and what to check."""
 
 
+class ObjectTooLarge(StorageError):
+    """An object is larger than the cap its reader set (LATEST, a manifest): at most cap + 1 bytes were read.
+    `version` is the object's version tag when `read_versioned` refused it (a rollback may still replace it)."""
+
+    def __init__(self, uri: str, cap: int, version: str | None = None):
+        super().__init__(f"{uri} is larger than the cap of {cap:,} bytes")
+        self.cap, self.version = cap, version
+
+
+class SizeMismatch(StorageError):
+    """`download_file` found an object of another size than the one expected: nothing past the expected
+    size was ever written, and the local file is removed. `actual` is None when the object was seen to hold
+    more than expected (it grew, or was replaced, while it was being copied)."""
+
+    def __init__(self, uri: str, expected: int, actual: int | None):
+        self.expected, self.actual = expected, actual
+        self.found = f"{actual:,} bytes" if actual is not None else f"more than {expected:,} bytes"
+        super().__init__(f"{uri} holds {self.found}, not the {expected:,} bytes expected: "
+                         "download refused, nothing of it kept")
+
+
 class WriteConflict(CatalogIndexError):
     """A conditional write found the object changed (or present, or gone) since it was read:
     someone else wrote it first. Nothing was written."""
@@ -50,7 +72,9 @@ class Storage:
     uri: str
 
     # -- primitives each backend implements -------------------------------------------
-    def read_bytes(self, key: str) -> bytes: raise NotImplementedError
+    # `max_bytes`: read at most that many bytes (+1 to tell), else ObjectTooLarge. Whoever reads an object that
+    # someone else may write (LATEST, manifests) sets it: a hostile 10 GB "manifest.json" is never read whole.
+    def read_bytes(self, key: str, max_bytes: int | None = None) -> bytes: raise NotImplementedError
     def write_bytes(self, key: str, data: bytes) -> None: raise NotImplementedError
     def exists(self, key: str) -> bool: raise NotImplementedError
     def list(self, prefix: str = "") -> list[str]: raise NotImplementedError
@@ -58,12 +82,16 @@ class Storage:
     def list_versions(self, prefix: str) -> dict[str, str]: raise NotImplementedError  # key -> size + change tag
     def delete(self, key: str) -> None: raise NotImplementedError
     def upload_file(self, local_path: str | os.PathLike, key: str) -> None: raise NotImplementedError
-    def download_file(self, key: str, local_path: str | os.PathLike) -> None: raise NotImplementedError
+    # `expected_bytes`: the object must be exactly that size (SizeMismatch otherwise, checked before copying),
+    # and no more than that is ever written to `local_path`, whatever the object turns out to hold.
+    def download_file(self, key: str, local_path: str | os.PathLike,
+                      expected_bytes: int | None = None) -> None: raise NotImplementedError
 
     # -- compare-and-swap (LATEST, manifests, leases) ----------------------------------
-    def read_versioned(self, key: str) -> tuple[bytes, str] | None:
+    def read_versioned(self, key: str, max_bytes: int | None = None) -> tuple[bytes, str] | None:
         """(content, version tag) of one object, or None when it does not exist. The tag changes
-        whenever the object is replaced; `write_if` compares against it."""
+        whenever the object is replaced; `write_if` compares against it. Beyond `max_bytes`:
+        ObjectTooLarge, carrying the tag."""
         raise NotImplementedError
 
     def write_if(self, key: str, data: bytes, version: str | None) -> None:
@@ -81,8 +109,8 @@ class Storage:
             self.delete(key)
         return len(keys)
 
-    def read_text(self, key: str) -> str:
-        return self.read_bytes(key).decode("utf-8")
+    def read_text(self, key: str, max_bytes: int | None = None) -> str:
+        return self.read_bytes(key, max_bytes).decode("utf-8")
 
     def write_text(self, key: str, text: str) -> None:
         self.write_bytes(key, text.encode("utf-8"))
@@ -130,6 +158,64 @@ def _current_umask() -> int:
 _FILE_MODE = 0o666 & ~_current_umask()
 
 
+class _CappedWriter:
+    """A file open for writing that refuses (SizeMismatch, writing none of it) any write reaching past
+    `limit` bytes: what a download puts on disk is bounded by the size it expected, not by the object.
+    Seekable, for boto3's transfer manager, which writes ranged parts at their offsets (one I/O thread)."""
+
+    def __init__(self, handle: BinaryIO, limit: int, uri: str):
+        self.handle, self.limit, self.uri, self.end = handle, limit, uri, 0
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self.handle.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.handle.tell()
+
+    def write(self, data) -> int:
+        end = self.handle.tell() + len(data)
+        if end > self.limit:
+            raise SizeMismatch(self.uri, self.limit, None)
+        self.end = max(self.end, end)
+        return self.handle.write(data)
+
+
+@contextmanager
+def _capped_download(local_path, expected_bytes: int, uri: str) -> Iterator[_CappedWriter]:
+    """`local_path` opened through a _CappedWriter; removed if the block fails or wrote other than
+    `expected_bytes` (an object that shrank while it was copied)."""
+    Path(local_path).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(local_path, "wb") as handle:
+            writer = _CappedWriter(handle, expected_bytes, uri)
+            yield writer
+        if writer.end != expected_bytes:
+            raise SizeMismatch(uri, expected_bytes, writer.end)
+    except BaseException:
+        Path(local_path).unlink(missing_ok=True)
+        raise
+
+
+# No object updated by compare-and-swap (LATEST, manifests, leases) comes near this size: one that does was put
+# there by someone else, and is told apart by inode, size and mtime instead of read for a digest.
+_DIGESTED_TAG_MAX_BYTES = 64 << 20
+
+
+def _file_version(fh: BinaryIO, data: bytes | None = None) -> str:
+    """The version tag of a local file (`data`: its content, when already read): its inode (a write replaces
+    the file) and the sha256 of its content (the digest names the content): equal tags, same object."""
+    stat = os.fstat(fh.fileno())
+    if stat.st_size > _DIGESTED_TAG_MAX_BYTES:
+        return f"{stat.st_ino}:{stat.st_size}:{stat.st_mtime_ns}"
+    if data is None:
+        fh.seek(0)
+        data = fh.read(_DIGESTED_TAG_MAX_BYTES + 1)
+    return f"{stat.st_ino}:{hashlib.sha256(data).hexdigest()}"
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -149,11 +235,23 @@ class LocalStorage(Storage):
             raise StorageError(f"key {key!r} escapes the warehouse root {self.root}")
         return path
 
-    def read_bytes(self, key: str) -> bytes:
+    def read_bytes(self, key: str, max_bytes: int | None = None) -> bytes:
         try:
-            return self._path(key).read_bytes()
+            with open(self._path(key), "rb") as fh:
+                return self._read_capped(fh, key, max_bytes)
         except FileNotFoundError as exc:
             raise StorageError(f"{self.uri_for(key)} does not exist") from exc
+
+    def _read_capped(self, fh: BinaryIO, key: str, max_bytes: int | None, versioned: bool = False) -> bytes:
+        if max_bytes is None:
+            return fh.read()
+        # The size first (no read at all), then a read of cap + 1: never more than the cap in memory,
+        # even from a file that grows meanwhile.
+        too_large = os.fstat(fh.fileno()).st_size > max_bytes
+        data = b"" if too_large else fh.read(max_bytes + 1)
+        if too_large or len(data) > max_bytes:
+            raise ObjectTooLarge(self.uri_for(key), max_bytes, _file_version(fh) if versioned else None)
+        return data
 
     def write_bytes(self, key: str, data: bytes) -> None:
         self._replace(self._path(key), lambda fh: fh.write(data))
@@ -176,15 +274,13 @@ class LocalStorage(Storage):
             raise
         _fsync_dir(path.parent)
 
-    def read_versioned(self, key: str) -> tuple[bytes, str] | None:
+    def read_versioned(self, key: str, max_bytes: int | None = None) -> tuple[bytes, str] | None:
         try:
             with open(self._path(key), "rb") as fh:
-                data = fh.read()
-                inode = os.fstat(fh.fileno()).st_ino
+                data = self._read_capped(fh, key, max_bytes, versioned=True)
+                return data, _file_version(fh, data)
         except FileNotFoundError:
             return None
-        # A write replaces the file (new inode) and the digest names the content: equal tags, same object.
-        return data, f"{inode}:{hashlib.sha256(data).hexdigest()}"
 
     def write_if(self, key: str, data: bytes, version: str | None) -> None:
         # An exclusive lock (flock: released by the kernel if the holder is killed) around read-compare-
@@ -195,8 +291,12 @@ class LocalStorage(Storage):
         lock = os.open(path.parent / f".{path.name}.lock", os.O_RDWR | os.O_CREAT, 0o666)
         try:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            current = self.read_versioned(key)
-            if (current[1] if current else None) != version:
+            try:
+                with open(path, "rb") as fh:
+                    current = _file_version(fh)  # bounded, whatever someone else put there
+            except FileNotFoundError:
+                current = None
+            if current != version:
                 raise WriteConflict(f"{self.uri_for(key)} changed since it was read "
                                     f"({'now absent' if current is None else 'replaced'}); nothing written")
             self.write_bytes(key, data)
@@ -261,9 +361,21 @@ class LocalStorage(Storage):
         except FileNotFoundError as exc:
             raise StorageError(f"{self.uri_for(key)} does not exist") from exc
 
-    def download_file(self, key: str, local_path) -> None:
-        Path(local_path).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(self._path(key), local_path)
+    def download_file(self, key: str, local_path, expected_bytes: int | None = None) -> None:
+        if expected_bytes is None:
+            Path(local_path).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(self._path(key), local_path)
+            return
+        try:
+            source = open(self._path(key), "rb")
+        except FileNotFoundError as exc:
+            raise StorageError(f"{self.uri_for(key)} does not exist") from exc
+        with source:
+            size = os.fstat(source.fileno()).st_size  # the open file: a later rename cannot swap it
+            if size != expected_bytes:
+                raise SizeMismatch(self.uri_for(key), expected_bytes, size)
+            with _capped_download(local_path, expected_bytes, self.uri_for(key)) as target:
+                shutil.copyfileobj(source, target, 16 << 20)  # a file growing meanwhile stops at the cap
 
 
 class S3Storage(Storage):
@@ -309,20 +421,49 @@ class S3Storage(Storage):
     def _errors(self, action: str, key: str):
         return _S3ErrorContext(self, action, key)
 
-    def read_bytes(self, key: str) -> bytes:
+    def read_bytes(self, key: str, max_bytes: int | None = None) -> bytes:
         with self._errors("read", key):
+            if max_bytes is not None:
+                return self._get_capped(key, max_bytes)[0]
             return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+
+    def _get_capped(self, key: str, max_bytes: int) -> tuple[bytes, str]:
+        """(content, ETag) of an object of at most `max_bytes`, else ObjectTooLarge (with the ETag). A ranged
+        GET asks for max_bytes + 1 bytes; the object's full size (Content-Range, or Content-Length from a store
+        that ignores ranges) refuses a larger one before its body is read, and the read itself stops there."""
+        from botocore.exceptions import ClientError
+
+        try:
+            response = self.client.get_object(Bucket=self.bucket, Key=self._key(key), Range=f"bytes=0-{max_bytes}")
+        except ClientError as exc:
+            if _error_code(exc) not in ("InvalidRange", "416"):
+                raise
+            # An empty object has no byte 0 to range over (S3 answers 416): read it plainly, still capped.
+            response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+        body, etag = response["Body"], response.get("ETag", "")
+        try:
+            total = (response.get("ContentRange") or "").rpartition("/")[2]  # "bytes 0-N/TOTAL" of a ranged answer
+            if (int(total) if total.isdigit() else response.get("ContentLength", 0)) > max_bytes:
+                raise ObjectTooLarge(self.uri_for(key), max_bytes, etag)
+            data = body.read(max_bytes + 1)
+        finally:
+            body.close()  # unread bytes are dropped with the connection, never read
+        if len(data) > max_bytes:
+            raise ObjectTooLarge(self.uri_for(key), max_bytes, etag)
+        return data, etag
 
     def write_bytes(self, key: str, data: bytes) -> None:
         # S3 PUTs are atomic per object: readers see the old object or the new one.
         with self._errors("write", key):
             self.client.upload_fileobj(io.BytesIO(data), self.bucket, self._key(key), Config=self._transfer_config)
 
-    def read_versioned(self, key: str) -> tuple[bytes, str] | None:
+    def read_versioned(self, key: str, max_bytes: int | None = None) -> tuple[bytes, str] | None:
         from botocore.exceptions import ClientError
 
         try:
             with self._errors("read", key):
+                if max_bytes is not None:
+                    return self._get_capped(key, max_bytes)
                 response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
                 return response["Body"].read(), response["ETag"]
         except StorageError as exc:
@@ -421,10 +562,18 @@ class S3Storage(Storage):
         with self._errors("upload", key):
             self.client.upload_file(str(local_path), self.bucket, self._key(key), Config=self._transfer_config)
 
-    def download_file(self, key: str, local_path) -> None:
-        Path(local_path).parent.mkdir(parents=True, exist_ok=True)
+    def download_file(self, key: str, local_path, expected_bytes: int | None = None) -> None:
         with self._errors("download", key):
-            self.client.download_file(self.bucket, self._key(key), str(local_path), Config=self._transfer_config)
+            if expected_bytes is None:
+                Path(local_path).parent.mkdir(parents=True, exist_ok=True)
+                self.client.download_file(self.bucket, self._key(key), str(local_path), Config=self._transfer_config)
+                return
+            size = self.client.head_object(Bucket=self.bucket, Key=self._key(key))["ContentLength"]
+            if size != expected_bytes:
+                raise SizeMismatch(self.uri_for(key), expected_bytes, size)
+            # Replaced by a larger object after the HEAD: the capped writer stops the transfer at the expected size.
+            with _capped_download(local_path, expected_bytes, self.uri_for(key)) as target:
+                self.client.download_fileobj(self.bucket, self._key(key), target, Config=self._transfer_config)
 
     def open_input(self, key: str) -> BinaryIO:
         with self._errors("read", key):

@@ -114,11 +114,11 @@ def test_rollback_loses_to_a_publish_that_lands_during_its_verification(warehous
         """A real local warehouse; a publish by another process lands while rollback downloads files."""
         fired = False
 
-        def download_file(self, key, local_path):
+        def download_file(self, key, local_path, expected_bytes=None):
             if not self.fired and ids[0] in key:
                 PublishDuringVerify.fired = True
                 publish_snapshot(LocalStorage(self.root), "catalog", snapshot_id=third.snapshot_id)
-            return super().download_file(key, local_path)
+            return super().download_file(key, local_path, expected_bytes)
 
     with pytest.raises(LatestMoved, match=f"LATEST now names {third.snapshot_id}"):
         rollback(PublishDuringVerify(storage.root), "catalog", ids[0])
@@ -201,10 +201,10 @@ def test_retention_keeps_young_builds_held_snapshots_unknown_manifests_and_forei
     unreadable = snapshot_prefix("catalog", ids[0]) + "manifest.json"
 
     class Throttled(LocalStorage):
-        def read_bytes(self, key):
+        def read_bytes(self, key, max_bytes=None):
             if key == unreadable:
                 raise StorageError("S3 read failed: SlowDown")
-            return super().read_bytes(key)
+            return super().read_bytes(key, max_bytes)
 
     storage.write_text(hold_key("catalog", ids[1], "t1"),
                        json.dumps({"since": datetime.now(timezone.utc).isoformat()}))

@@ -2,10 +2,11 @@
 import pyarrow as pa
 import pytest
 
-from conftest import new_bucket
+from conftest import new_bucket, written_bytes
 from pipelines.config import S3Settings
 from pipelines.address_policy import AddressPolicy
-from pipelines.storage import LocalStorage, S3Storage, StorageError, open_storage, read_uri_bytes
+from pipelines.storage import (LocalStorage, ObjectTooLarge, S3Storage, SizeMismatch, StorageError, open_storage,
+                               read_uri_bytes)
 
 
 @pytest.fixture(params=["local", "moto", "seaweedfs"])
@@ -123,3 +124,70 @@ def test_read_uri_bytes_is_guarded_capped_and_bounded(tmp_path, s3_bucket, fault
     with pytest.raises(StorageError, match="timeout"):
         read_uri_bytes(fault_server.url("trickle-headers"), policy=loopback, timeout_s=1.0)
     assert time.monotonic() - started < 1.0 + 1.5
+
+
+# -- hostile sizes: a reader that sets a cap never reads past it, a download never writes past its size ------
+
+def test_a_capped_read_refuses_a_larger_object_and_reads_a_smaller_one_whole(storage):
+    storage.write_bytes("LATEST", b"x" * 5000)
+    storage.write_bytes("empty", b"")
+    for read in (storage.read_bytes, storage.read_text, storage.read_versioned):
+        with pytest.raises(ObjectTooLarge, match="is larger than the cap of 4,999 bytes"):
+            read("LATEST", max_bytes=4999)
+    assert storage.read_bytes("LATEST", max_bytes=5000) == b"x" * 5000
+    assert storage.read_bytes("empty", max_bytes=10) == b"" == storage.read_versioned("empty", max_bytes=10)[0]
+    with pytest.raises(ObjectTooLarge) as refused:   # a rollback may still replace it: the tag comes along
+        storage.read_versioned("LATEST", max_bytes=10)
+    assert refused.value.version == storage.read_versioned("LATEST")[1]
+    storage.write_if("LATEST", b"{}", refused.value.version)
+    assert storage.read_bytes("LATEST", max_bytes=10) == b"{}"
+    with pytest.raises(StorageError, match="does not exist"):
+        storage.read_bytes("nope", max_bytes=10)
+
+
+def test_a_capped_read_of_a_huge_local_file_reads_nothing_past_the_cap(tmp_path):
+    storage = open_storage(tmp_path.as_uri())
+    with open(tmp_path / "manifest.json", "wb") as fh:
+        fh.truncate(10 << 30)                                  # 10 GiB, sparse: free to make, ruinous to read
+    with pytest.raises(ObjectTooLarge, match="cap of 1,024 bytes"):
+        storage.read_bytes("manifest.json", max_bytes=1024)
+    with pytest.raises(ObjectTooLarge):
+        storage.read_versioned("manifest.json", max_bytes=1024 << 20)
+
+
+def test_a_download_refuses_another_size_before_writing_anything(storage, tmp_path):
+    storage.write_bytes("shards/s.faiss", b"z" * 3000)
+    local = tmp_path / "staging" / "s.faiss"
+    for expected in (1000, 2999, 3001):
+        with pytest.raises(SizeMismatch, match=f"holds 3,000 bytes, not the {expected:,} bytes expected"):
+            storage.download_file("shards/s.faiss", local, expected_bytes=expected)
+        assert not local.exists()
+    storage.download_file("shards/s.faiss", local, expected_bytes=3000)
+    assert local.read_bytes() == b"z" * 3000
+    storage.write_bytes("shards/empty", b"")
+    storage.download_file("shards/empty", tmp_path / "empty", expected_bytes=0)
+    assert (tmp_path / "empty").read_bytes() == b""
+    with pytest.raises(StorageError, match="does not exist"):
+        storage.download_file("shards/nope", local, expected_bytes=1)
+
+
+def test_an_object_replaced_by_a_larger_one_after_its_size_was_checked_is_not_written_past_its_size(
+        s3_bucket, tmp_path):
+    """The race a HEAD cannot close: between the size check and the GET, someone swaps in 32 MiB of zeros.
+    The transfer stops at the expected size: the local file never grows past it, and is removed."""
+    import boto3
+
+    bucket, settings = s3_bucket
+    storage = open_storage(f"s3://{bucket}/wh", settings)
+    storage.write_bytes("shards/s.faiss", b"z" * 1000)
+    other = boto3.client("s3", endpoint_url=settings.endpoint_url, region_name="us-east-1")
+
+    def swap(**_):
+        other.put_object(Bucket=bucket, Key="wh/shards/s.faiss", Body=bytes(32 << 20))
+
+    storage.client.meta.events.register_first("after-call.s3.HeadObject", swap)
+    local = tmp_path / "s.faiss"
+    before = written_bytes()
+    with pytest.raises(SizeMismatch, match="more than 1,000 bytes"):
+        storage.download_file("shards/s.faiss", local, expected_bytes=1000)
+    assert written_bytes() - before < 1 << 20 and not local.exists()

@@ -15,7 +15,7 @@ from pipelines.config import IndexSettings
 from pipelines.fingerprint import rows_digest
 from pipelines.index.plan import ShardPlan
 from pipelines.layout import snapshot_prefix
-from pipelines.snapshot import BUILD_FILE, read_latest, read_manifest
+from pipelines.snapshot import BUILD_FILE, BUILD_MAX_BYTES, read_latest, read_manifest
 from pipelines.storage import Storage
 
 
@@ -35,7 +35,7 @@ def _unchanged_shards(storage: Storage, cfg: IndexSettings, version: str, plans:
         return None
     previous_id = pointer["snapshot_id"]
     build_key = snapshot_prefix(cfg.name, previous_id) + BUILD_FILE
-    build = json.loads(storage.read_text(build_key)) if storage.exists(build_key) else {}
+    build = json.loads(storage.read_text(build_key, BUILD_MAX_BYTES)) if storage.exists(build_key) else {}
     ignore = {"keep_snapshots", "retention_grace_hours", "reuse_unchanged_shards", "min_recall", "use_gpu"}
     if {k: v for k, v in (build.get("settings") or {}).items() if k not in ignore} != \
             {k: v for k, v in cfg.model_dump().items() if k not in ignore}:

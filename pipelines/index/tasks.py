@@ -29,7 +29,7 @@ from pipelines.index.shard import build_shard
 from pipelines.index.vectors import FileVectors
 from pipelines.layout import routed_vectors_key
 from pipelines.snapshot import shard_idmap_path, shard_index_path
-from pipelines.storage import Storage, open_storage
+from pipelines.storage import SizeMismatch, Storage, open_storage
 from schemas.tables import INDEX_IDMAP
 
 
@@ -212,9 +212,12 @@ def _copy_shard(storage: Storage, task: CopyTask) -> dict:
     with tempfile.TemporaryDirectory(prefix="reuse-", dir=_task_scratch_dir()) as scratch:
         for record in shard["files"].values():
             local = os.path.join(scratch, "file")
-            storage.download_file(task.source_prefix + record["path"], local)  # shards can be GBs: not in RAM
-            copied = file_record(record["path"], data_path=local)
-            if (copied["sha256"], copied["bytes"]) != (record["sha256"], record["bytes"]):
+            try:  # shards can be GBs: not in RAM, and never more on disk than the manifest says
+                storage.download_file(task.source_prefix + record["path"], local, expected_bytes=record["bytes"])
+                copied = file_record(record["path"], data_path=local)
+            except SizeMismatch:
+                copied = None
+            if copied is None or (copied["sha256"], copied["bytes"]) != (record["sha256"], record["bytes"]):
                 raise IndexBuildError(f"{storage.uri_for(task.source_prefix + record['path'])} does not match its "
                                       "manifest checksum, so it cannot be reused: run a full build (without --categories)")
             storage.upload_file(local, task.snapshot_prefix + record["path"])

@@ -15,7 +15,7 @@ from pipelines import layout
 from pipelines.config import Settings, ValidateSettings
 from pipelines.fingerprint import digest
 from pipelines.readers import quarantined_sha256s
-from pipelines.snapshot import BUILD_FILE
+from pipelines.snapshot import BUILD_FILE, BUILD_MAX_BYTES
 from pipelines.storage import Storage, open_storage
 from pipelines.validate.embeddings import (
     _canonical_digest,
@@ -48,7 +48,7 @@ def _find_build(storage: Storage, run_id: str) -> tuple[str, dict[str, Any]]:
     for name in storage.list_dirs(layout.INDEXES_ROOT):
         for snapshot in storage.list_dirs(layout.index_prefix(name)):
             key = f"{layout.snapshot_prefix(name, snapshot)}{BUILD_FILE}"
-            build = _read_json(storage, key)
+            build = _read_json(storage, key, BUILD_MAX_BYTES)
             if build and build.get("source_run_id") == run_id:
                 builds.append((build.get("created_at", ""), key, build))
     if not builds:

@@ -134,8 +134,8 @@ def _parquet_column_names(storage: Storage, key_or_prefix: str) -> list[str]:
         return pq.ParquetFile(source).schema_arrow.names
 
 
-def _read_json(storage: Storage, key: str) -> dict[str, Any] | None:
-    return json.loads(storage.read_text(key)) if storage.exists(key) else None
+def _read_json(storage: Storage, key: str, max_bytes: int | None = None) -> dict[str, Any] | None:
+    return json.loads(storage.read_text(key, max_bytes)) if storage.exists(key) else None
 
 
 def _require_committed_crawl(storage: Storage, run_id: str) -> dict[str, Any]:
