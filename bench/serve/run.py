@@ -73,6 +73,12 @@ def load(url: str, payloads: list[bytes], clients: int, seconds: float, field: s
     return {"p50": p50, "p99": p99, "qps": len(latencies) / elapsed, "n": len(latencies), "failed": failures[0]}
 
 
+def median_of(runs: list[dict]) -> dict:
+    """Per figure, the median over rounds (failures: the sum)."""
+    return {**{key: statistics.median(run[key] for run in runs) for key in ("p50", "p99", "qps", "n")},
+            "failed": sum(run["failed"] for run in runs)}
+
+
 def synthetic_snapshot(work: Path, vectors: int, dim: int) -> Path:
     """A pulled snapshot of `vectors` clustered vectors (bench/index's generator) built by build_index,
     kept in `work` (git-ignored) by size, so a rerun measures it again without rebuilding. The vectors
@@ -189,6 +195,7 @@ def main() -> None:
     parser.add_argument("--vectors", type=int, default=1_000_000, help="vectors of the synthetic snapshot")
     parser.add_argument("--dim", type=int, default=1280)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--rounds", type=int, default=3, help="alternated rounds per concurrency (medians reported)")
     parser.add_argument("--vector-queries", type=int, default=500, help="vector queries timed on the synthetic snapshot")
     parser.add_argument("--only", choices=["images", "vectors"], help="run one half: image queries + hot swap, "
                         "or the synthetic snapshot's open time and vector queries")
@@ -221,12 +228,15 @@ def measure_images(args, python: str) -> None:
                          str(minimal_port)], minimal_url, "/search")
         try:
             for clients in args.concurrency:
-                mine = load(ours_url + "/v1/search?k=10", payloads, clients, args.seconds)
-                theirs = load(minimal_url + "/search?k=10", payloads, clients, args.seconds)
-                rows.append((clients, mine, theirs))
+                mine, theirs = [], []
+                for _ in range(args.rounds):  # alternated, so a busy spell of the machine hits both
+                    mine.append(load(ours_url + "/v1/search?k=10", payloads, clients, args.seconds))
+                    theirs.append(load(minimal_url + "/search?k=10", payloads, clients, args.seconds))
+                rows.append((clients, median_of(mine), median_of(theirs)))
         finally:
             minimal.terminate()
-        print("\nimage queries (ms; queries/s), this service vs the minimal server")
+        print(f"\nimage queries (ms; queries/s; medians of {args.rounds} alternated rounds of {args.seconds:g}s), "
+              "this service vs the minimal server")
         print(f"{'clients':>7} | {'p50':>7} {'p99':>7} {'q/s':>6} {'fail':>4} | {'p50':>7} {'p99':>7} {'q/s':>6} | q/s ratio")
         for clients, mine, theirs in rows:
             print(f"{clients:>7} | {mine['p50']:7.1f} {mine['p99']:7.1f} {mine['qps']:6.1f} {mine['failed']:4d} | "

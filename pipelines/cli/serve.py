@@ -79,6 +79,9 @@ def _add_serve(sub) -> None:
     g.add_argument("--s3-endpoint-url", metavar="URL", help="S3-compatible endpoint for s3:// warehouses (default AWS)")
     g.add_argument("--config", metavar="FILE", help="YAML settings file for the S3 settings (default: $CATALOG_INDEX_CONFIG)")
     g.add_argument("--device", default="cpu", help="torch device for query images: cpu (default) or cuda")
+    g.add_argument("--embed-threads", type=int, metavar="N",
+                   help="threads running the model, each embedding every query image waiting at once (default 4 on "
+                        "a CPU, 2 on cuda): several keep the cores busy while the next images decode; per worker")
     p.set_defaults(func=cmd_serve)
 
 
@@ -93,7 +96,8 @@ def serve_settings_from(args):
         cache_dir=args.cache_dir, s3=s3, host=args.host, port=args.port, refresh_s=args.refresh_s,
         workers=args.workers, api_key=read_api_key(args.api_key_file) if args.api_key_file else None,
         max_upload_bytes=int(args.max_upload_mb * 1_000_000), max_pixels=args.max_pixels, max_k=args.max_k,
-        allow_private_image_urls=args.allow_private_image_urls, device=args.device)
+        allow_private_image_urls=args.allow_private_image_urls, device=args.device,
+        embed_threads=args.embed_threads)
 
 
 def cmd_serve(args) -> int:

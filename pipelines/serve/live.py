@@ -171,7 +171,8 @@ class LiveSnapshot:
         version = snapshot.model_version
         try:
             model = self._models.get(version) or QueryModel(snapshot.manifest["model"], root, self.settings.device,
-                                                            self.settings.max_batch, self.settings.max_pixels)
+                                                            self.settings.max_batch, self.settings.max_pixels,
+                                                            self.settings.embed_threads)
             self._models[version] = model
         except SnapshotError as exc:  # vectors from a model this installation cannot run: vector search only
             model_error = str(exc)

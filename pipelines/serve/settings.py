@@ -37,6 +37,7 @@ class ServeSettings:
     image_url_timeout_s: float = 10.0
     device: str = "cpu"
     max_batch: int = 16                   # query images embedded together when requests arrive at once
+    embed_threads: int | None = None      # model runner threads (None: 4 on a CPU, 2 on a GPU)
 
     def __post_init__(self) -> None:
         if bool(self.warehouse) == bool(self.snapshot_dir):
@@ -48,8 +49,9 @@ class ServeSettings:
             raise UsageError(f"--port must be 0..65535 (got {self.port})")
         if self.workers < 1:
             raise UsageError(f"--workers must be at least 1 (got {self.workers})")
-        if self.max_upload_bytes < 1024 or self.max_pixels < 1 or self.max_k < 1 or self.max_batch < 1:
-            raise UsageError("upload, pixel, k and batch limits must be positive (uploads at least 1 KB)")
+        if self.max_upload_bytes < 1024 or self.max_pixels < 1 or self.max_k < 1 or self.max_batch < 1 \
+                or (self.embed_threads is not None and self.embed_threads < 1):
+            raise UsageError("upload, pixel, k, batch and --embed-threads must be positive (uploads at least 1 KB)")
         if self.api_key is not None and len(self.api_key) < 16:
             raise UsageError("the API key must be at least 16 characters (generate one: "
                              "python -c 'import secrets; print(secrets.token_urlsafe(32))')")
