@@ -1,7 +1,7 @@
 """bench/serve: `catalog-index serve` vs the minimal server a serving team would otherwise write
 (bench/serve/minimal_server.py: FastAPI + the same model + one IndexFlatIP, no verification, no merge).
 
-    nice -n 10 .venv/bin/python bench/serve/run.py --per-category 8 --seconds 8 --vectors 1000000 --dim 1280
+    .venv/bin/python bench/serve/run.py --per-category 6 --seconds 5 --rounds 5 --vectors 1000000 --dim 1280
 
 Side by side, one script: image-query p50/p99 and queries/s at 1, 4 and 16 concurrent clients
 (multipart upload of sample-catalog PNGs over real HTTP); vector-query p50/p99 on a synthetic
