@@ -243,12 +243,15 @@ def test_follows_latest_under_load_refuses_a_damaged_snapshot_and_swaps_models(c
             _wait_for(service, second["snapshot_id"])
             time.sleep(1.0)  # searches on the new snapshot
 
-            third = catalog.publish()
-            shard_file = third["shards"][0]["files"]["index"]["path"]
-            key = snapshot_prefix("catalog", third["snapshot_id"]) + shard_file
-            data = bytearray(catalog.storage.read_bytes(key))
-            data[len(data) // 2] ^= 0xFF  # damaged after publishing: same size, other bytes
-            catalog.storage.write_bytes(key, bytes(data))
+            # Damaged after publishing (same size, other bytes) before the follower looks: its reload
+            # lock is held meanwhile, or a follower quicker than this test would pull the good bytes.
+            with service.app.state.live._reload_lock:
+                third = catalog.publish()
+                shard_file = third["shards"][0]["files"]["index"]["path"]
+                key = snapshot_prefix("catalog", third["snapshot_id"]) + shard_file
+                data = bytearray(catalog.storage.read_bytes(key))
+                data[len(data) // 2] ^= 0xFF
+                catalog.storage.write_bytes(key, bytes(data))
             deadline = time.monotonic() + 30
             while service.metric("catalog_index_reloads_total", outcome="refused") < 1:
                 assert time.monotonic() < deadline, "the damaged snapshot was never refused"
