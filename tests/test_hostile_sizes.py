@@ -272,3 +272,24 @@ def test_any_declared_size_other_than_the_real_one_is_refused_and_nothing_past_i
         assert_untouched(warehouse, dest)
     finally:
         warehouse.reset()
+
+
+@LOCAL_ONLY
+def test_the_serve_follower_refuses_a_snapshot_its_disk_cannot_hold_and_tries_again_later(serving, tmp_path):
+    warehouse, _ = serving
+    metrics = ServiceMetrics()
+    live = LiveSnapshot(ServeSettings(warehouse=warehouse.uri, cache_dir=str(tmp_path / "cache")), metrics)
+    assert live.check().outcome == "loaded"
+
+    def inflate(manifest):
+        manifest["files"][0]["bytes"] = 10 ** 18
+
+    forged = warehouse.forge(edit=inflate)
+    for attempt in (1, 2):   # not remembered as refused: each check asks the disk again
+        outcome = live.check()
+        assert (outcome.outcome, outcome.snapshot_id) == ("refused", forged)
+        assert "free space or pull elsewhere" in outcome.detail
+        assert live.current.snapshot.snapshot_id == warehouse.first
+        assert f'catalog_index_reloads_total{{outcome="refused"}} {attempt}.0' in metrics.render()[0].decode()
+    assert 'reason="disk_space"' in metrics.render()[0].decode()
+    assert_untouched(warehouse, tmp_path / "cache")

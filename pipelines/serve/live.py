@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.client import pull
+from pipelines.client import InsufficientSpace, pull
 from pipelines.search import OpenSnapshot, SnapshotError
 from pipelines.errors import CatalogIndexError
 from pipelines.serve.metrics import ServiceMetrics
@@ -128,6 +128,9 @@ class LiveSnapshot:
             except SnapshotVerificationError as exc:
                 self._refused[key] = str(exc)
                 self.metrics.snapshot_refused(pointer["snapshot_id"], "verification")
+                return ReloadOutcome("refused", pointer["snapshot_id"], str(exc))
+            except InsufficientSpace as exc:  # not remembered: the next check tries again once space is freed
+                self.metrics.snapshot_refused(pointer["snapshot_id"], "disk_space")
                 return ReloadOutcome("refused", pointer["snapshot_id"], str(exc))
             root = pulled.path
         else:
