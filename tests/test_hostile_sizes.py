@@ -227,12 +227,18 @@ def test_cli_pull_says_what_to_do_about_a_disk_too_small(serving, capsys):
     assert_untouched(warehouse, dest)
 
 
-@LOCAL_ONLY
-def test_the_serve_follower_counts_an_oversized_file_as_refused_and_keeps_serving(serving, tmp_path):
+def following(serving, tmp_path) -> tuple:
+    """(warehouse, a serve follower that loaded its first snapshot, the follower's metrics)."""
     warehouse, _ = serving
     metrics = ServiceMetrics()
     live = LiveSnapshot(ServeSettings(warehouse=warehouse.uri, cache_dir=str(tmp_path / "cache")), metrics)
     assert live.check().outcome == "loaded"
+    return warehouse, live, metrics
+
+
+@LOCAL_ONLY
+def test_the_serve_follower_counts_an_oversized_file_as_refused_and_keeps_serving(serving, tmp_path):
+    warehouse, live, metrics = following(serving, tmp_path)
     record = warehouse.manifest["files"][0]
     forged = warehouse.forge(objects={record["path"]: 1 << 30})
     for _ in range(2):   # the second check finds the refusal remembered: nothing downloaded again
@@ -276,10 +282,7 @@ def test_any_declared_size_other_than_the_real_one_is_refused_and_nothing_past_i
 
 @LOCAL_ONLY
 def test_the_serve_follower_refuses_a_snapshot_its_disk_cannot_hold_and_tries_again_later(serving, tmp_path):
-    warehouse, _ = serving
-    metrics = ServiceMetrics()
-    live = LiveSnapshot(ServeSettings(warehouse=warehouse.uri, cache_dir=str(tmp_path / "cache")), metrics)
-    assert live.check().outcome == "loaded"
+    warehouse, live, metrics = following(serving, tmp_path)
 
     def inflate(manifest):
         manifest["files"][0]["bytes"] = 10 ** 18
