@@ -40,7 +40,7 @@ from pipelines.layout import snapshot_prefix
 from pipelines.search import (VERIFIED_MARKER, Hit, OpenSnapshot, QueryResult, SnapshotError,  # noqa: F401
                               locally_verified as _locally_verified)
 from pipelines.snapshot import (MANIFEST_FILE, MODEL_PCA_PATH, SnapshotVerificationError, check_index_name,
-                                contained_path, parse_manifest, read_latest, read_manifest_bytes, sha256_of_file)
+                                contained_path, load_manifest, read_latest, sha256_of_file)
 from pipelines.storage import SizeMismatch, StorageError, open_storage, read_uri_bytes
 
 # Free space a pull leaves on top of what the manifest declares (and 5% of it): filesystem blocks rounded up
@@ -120,14 +120,10 @@ def _download_verified(storage, index_name: str, snapshot_id: str, expected_mani
                        snapshots: Path) -> None:
     prefix = snapshot_prefix(index_name, snapshot_id)
     try:
-        manifest_data = read_manifest_bytes(storage, index_name, snapshot_id)
+        manifest, manifest_data = load_manifest(storage, index_name, snapshot_id, expected_manifest_sha)
     except StorageError as exc:
         raise SnapshotError(f"LATEST names {snapshot_id} but its manifest cannot be read ({exc}); "
                             "it may have been retired meanwhile: pull again") from exc
-    if expected_manifest_sha and hashlib.sha256(manifest_data).hexdigest() != expected_manifest_sha:
-        raise SnapshotVerificationError(f"manifest of {snapshot_id} does not match the sha256 in LATEST; "
-                                        "refusing the snapshot", [MANIFEST_FILE])
-    manifest = parse_manifest(manifest_data, storage.uri_for(prefix + MANIFEST_FILE), index_name, snapshot_id)
     snapshots.mkdir(parents=True, exist_ok=True)
     _check_free_space(snapshots, snapshot_id, sum(record["bytes"] for record in manifest["files"]) + len(manifest_data))
     staging = snapshots / f".partial-{snapshot_id}-{secrets.token_hex(4)}"

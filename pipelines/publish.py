@@ -49,7 +49,7 @@ from pipelines.layout import (cas_probe_key, hold_key, holds_prefix, index_prefi
 from pipelines.snapshot import (BUILD_FILE, BUILD_MAX_BYTES, LATEST_MAX_BYTES, MANIFEST_FILE,  # noqa: F401
                                 MANIFEST_MAX_BYTES, MANIFEST_VERSION, ManifestInvalid, PointerInvalid, PublishError,
                                 SnapshotVerificationError, check_index_name, check_snapshot_id, is_snapshot_id,
-                                latest_too_large, manifest_bytes, parse_latest, parse_manifest, read_build, read_latest,
+                                latest_too_large, load_manifest, manifest_bytes, parse_latest, parse_manifest, read_build, read_latest,
                                 read_manifest, read_manifest_bytes, sha256_of_file, snapshot_files, validate_manifest,
                                 verify_snapshot_files)
 from pipelines.storage import ObjectTooLarge, S3Storage, Storage, StorageError, WriteConflict
@@ -401,8 +401,7 @@ def _complete_publish(storage: Storage, index_name: str, snapshot_id: str) -> tu
     """A publish that stopped after writing the manifest (or a rerun): make the snapshot live by
     compare-and-swap from the base its manifest records, or find that it already is."""
     prefix = snapshot_prefix(index_name, snapshot_id)
-    data = read_manifest_bytes(storage, index_name, snapshot_id)
-    manifest = parse_manifest(data, storage.uri_for(prefix + MANIFEST_FILE), index_name, snapshot_id)
+    manifest, data = load_manifest(storage, index_name, snapshot_id)
     pointer = read_latest(storage, index_name)
     if pointer and pointer["snapshot_id"] == snapshot_id:
         return manifest, data, True
@@ -537,8 +536,7 @@ def rollback(storage: Storage, index_name: str, to_snapshot_id: str) -> dict:
             published = [s.snapshot_id for s in list_snapshots(storage, index_name) if s.state in ("live", "published")]
             raise PublishError(f"{to_snapshot_id} is not a published snapshot of index {index_name!r} "
                                f"(published: {', '.join(published) or 'none'})")
-        data = read_manifest_bytes(storage, index_name, to_snapshot_id)
-        manifest = parse_manifest(data, storage.uri_for(prefix + MANIFEST_FILE), index_name, to_snapshot_id)
+        manifest, data = load_manifest(storage, index_name, to_snapshot_id)
         verify_snapshot_files(storage, prefix, manifest["files"])
         swap_latest(storage, index_name, expected, to_snapshot_id, _sha256(data), "rollback")
     return manifest

@@ -186,20 +186,28 @@ def read_manifest_bytes(storage: Storage, index_name: str, snapshot_id: str) -> 
             "or hostile; refusing it. Roll back (`catalog-index rollback --to ID`) or republish", [MANIFEST_FILE]) from exc
 
 
+def load_manifest(storage: Storage, index_name: str, snapshot_id: str,
+                  expected_sha256: str | None = None) -> tuple[dict, bytes]:
+    """(validated manifest, its bytes) of one snapshot: capped read, the sha256 LATEST recorded
+    (when given), then the schema and the snapshot it must describe. StorageError when it cannot
+    be read: each caller says what that means for its command."""
+    key = snapshot_prefix(index_name, snapshot_id) + MANIFEST_FILE
+    data = read_manifest_bytes(storage, index_name, snapshot_id)
+    if expected_sha256 and hashlib.sha256(data).hexdigest() != expected_sha256:
+        raise SnapshotVerificationError(f"{storage.uri_for(key)} does not match the sha256 recorded in LATEST: "
+                                        "the manifest was changed after publishing; do not serve it", [MANIFEST_FILE])
+    return parse_manifest(data, storage.uri_for(key), index_name, snapshot_id), data
+
+
 def read_manifest(storage: Storage, index_name: str, snapshot_id: str, expected_sha256: str | None = None) -> dict:
     """The validated manifest of one snapshot; it must describe that snapshot of that index."""
     check_index_name(index_name)
     check_snapshot_id(snapshot_id, f"a request for index {index_name!r}", PublishError)
-    key = snapshot_prefix(index_name, snapshot_id) + MANIFEST_FILE
     try:
-        data = read_manifest_bytes(storage, index_name, snapshot_id)
+        return load_manifest(storage, index_name, snapshot_id, expected_sha256)[0]
     except StorageError as exc:
         raise PublishError(f"snapshot {snapshot_id} of index {index_name!r} has no manifest ({exc}); "
                            "`catalog-index snapshots` lists the published ones") from exc
-    if expected_sha256 and hashlib.sha256(data).hexdigest() != expected_sha256:
-        raise SnapshotVerificationError(f"{storage.uri_for(key)} does not match the sha256 recorded in LATEST: "
-                                        "the manifest was changed after publishing; do not serve it", [MANIFEST_FILE])
-    return parse_manifest(data, storage.uri_for(key), index_name, snapshot_id)
 
 
 def parse_manifest(data: bytes, where: str, index_name: str, snapshot_id: str) -> dict:
