@@ -112,6 +112,8 @@ def _free_port_pair() -> int:
 
 
 WEED = Path(sys.executable).parent / "weed"
+SEAWEEDFS_MAX_VOLUMES = 2000
+SEAWEEDFS_MASTER: dict[str, str] = {}  # the running test SeaweedFS's master, for tests of the fixture itself
 
 
 @pytest.fixture(scope="session")
@@ -123,12 +125,17 @@ def seaweedfs_endpoint(tmp_path_factory):
     data = tmp_path_factory.mktemp("seaweedfs")
     ports = {name: _free_port_pair() for name in ("master", "volume", "filer", "s3", "admin")}
     extra = {name: _free_port() for name in ("s3.port.iceberg", "s3.port.lance", "debug.port", "s3.port.https")}
+    # Every bucket is a SeaweedFS collection with volumes of its own. Left at 0, `-volume.max` is free disk
+    # / volume size, so on a fuller disk the suite's ~100 buckets ran out of volumes part way through
+    # ("no free volumes left", a 500 on PutObject). Volumes are not preallocated: a fixed count costs
+    # only what is written.
     argv = [str(WEED), "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-admin.ui=false",
-            "-webdav=false", *(f"-{name}.port={port}" for name, port in ports.items()),
+            "-webdav=false", f"-volume.max={SEAWEEDFS_MAX_VOLUMES}", *(f"-{name}.port={port}" for name, port in ports.items()),
             *(f"-{name}={port}" for name, port in extra.items())]
     log = open(data / "weed.log", "wb")
     proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=data)
     endpoint = f"http://127.0.0.1:{ports['s3']}"
+    SEAWEEDFS_MASTER["url"] = f"http://127.0.0.1:{ports['master']}"
     deadline = time.monotonic() + 60
     import boto3
 

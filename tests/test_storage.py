@@ -191,3 +191,16 @@ def test_an_object_replaced_by_a_larger_one_after_its_size_was_checked_is_not_wr
     with pytest.raises(SizeMismatch, match="more than 1,000 bytes"):
         storage.download_file("shards/s.faiss", local, expected_bytes=1000)
     assert written_bytes() - before < 1 << 20 and not local.exists()
+
+
+def test_the_test_seaweedfs_has_volumes_for_every_bucket_whatever_the_free_disk(seaweedfs_endpoint):
+    """Each bucket takes volumes of its own; a volume limit derived from free disk failed CI part way through
+    the suite on a fuller disk. The master must report the fixed limit, not one computed from free space."""
+    import json
+    import urllib.request
+
+    from conftest import SEAWEEDFS_MASTER, SEAWEEDFS_MAX_VOLUMES
+
+    with urllib.request.urlopen(f"{SEAWEEDFS_MASTER['url']}/dir/status", timeout=10) as response:
+        topology = json.load(response)["Topology"]
+    assert topology["Max"] == SEAWEEDFS_MAX_VOLUMES
