@@ -216,6 +216,28 @@ def test_api_key_guards_everything_but_healthz(catalog):
                               endpoint="/v1/search", status="401") == 1
 
 
+def test_a_bug_of_ours_is_a_logged_json_500_that_is_counted_and_the_service_keeps_serving(catalog, caplog):
+    """The last-resort path: an exception no handler knows (here the loaded snapshot's search breaks)
+    answers a JSON 500 that says it is logged, /metrics counts it, and the next request is served."""
+    with Service(ServeSettings(snapshot_dir=str(catalog.dest), port=0, workers=1)) as service:
+        snapshot = service.app.state.live.current.snapshot
+        product = catalog.images[1][0]
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("an internal bug")
+
+        snapshot.similar_products = broken
+        answer = requests.get(f"{service.url}/v1/similar/{product}")
+        assert answer.status_code == 500
+        assert answer.json() == {"error": "internal", "detail": "the service failed on this request; it is logged"}
+        assert "an internal bug" in caplog.text
+        del snapshot.similar_products
+        answer = requests.get(f"{service.url}/v1/similar/{product}")
+        assert answer.status_code == 200 and answer.json()["results"]
+        assert service.metric("catalog_index_requests_total", endpoint="/v1/similar/{product_id}", status="500") == 1
+        assert service.metric("catalog_index_requests_total", endpoint="/v1/similar/{product_id}", status="200") == 1
+
+
 def test_follows_latest_under_load_refuses_a_damaged_snapshot_and_swaps_models(catalog, tmp_path):
     """--warehouse: new snapshots are pulled and swapped while clients search (no request fails); a
     snapshot whose shard was damaged after publishing is refused and the old one keeps serving; a

@@ -76,7 +76,7 @@ def create_app(settings: ServeSettings, live: LiveSnapshot | None = None) -> Fas
     metrics = ServiceMetrics(across_workers=several)
     live = live or LiveSnapshot(settings, metrics)
     fetcher = image_fetcher(settings.max_upload_bytes, settings.image_url_timeout_s, settings.allow_private_image_urls)
-    worker = {"X-Worker": str(os.getpid())} if several else {}
+    worker = [(b"x-worker", str(os.getpid()).encode())] if several else []
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -101,24 +101,38 @@ def create_app(settings: ServeSettings, live: LiveSnapshot | None = None) -> Fas
 
     # -- cross-cutting: auth, metrics, errors ----------------------------------------------
 
-    @app.middleware("http")
-    async def auth_and_metrics(request: Request, call_next):
+    async def auth_and_metrics(scope: dict, receive, send, call_app) -> None:
         started = time.perf_counter()
+        status: list[int] = []  # the status the response started with, once it has
+
+        async def send_counted(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+                if worker:
+                    message["headers"] = [*message.get("headers", ()), *worker]
+            await send(message)
+
         try:
-            if settings.api_key and request.url.path not in OPEN_PATHS:
-                _check_token(request, settings.api_key)
-            response = await call_next(request)
+            if settings.api_key and scope["path"] not in OPEN_PATHS:
+                _check_token(Request(scope), settings.api_key)
+            await call_app(scope, receive, send_counted)
         except ApiError as error:
-            response = _error_response(error)
+            await _error_response(error)(scope, receive, send_counted)
         except Exception:  # a bug of ours, not the client's: say so, count it, keep serving
             log.exception("unexpected error")
-            response = JSONResponse({"error": "internal", "detail": "the service failed on this request; it is "
-                                                                    "logged"}, status_code=500)
-        response.headers.update(worker)
-        endpoint = _endpoint(app, request.scope)
-        metrics.requests.labels(endpoint, str(response.status_code)).inc()
+            if status:  # the response has begun: all that is left is to end the connection
+                raise
+            await JSONResponse({"error": "internal", "detail": "the service failed on this request; it is "
+                                                               "logged"}, status_code=500)(scope, receive, send_counted)
+        endpoint = _endpoint(app, scope)
+        metrics.requests.labels(endpoint, str(status[0] if status else 500)).inc()
         metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
-        return response
+
+    # A plain ASGI middleware, not @app.middleware("http"): Starlette's BaseHTTPMiddleware runs each
+    # request through a task group and a memory stream. Measured, 1 client on 2 cores: GET /v1/snapshot
+    # 840 -> 715 us, a 1280-d vector search 2.43 -> 1.98 ms; image queries at 4 clients 0.90 -> 0.94 of
+    # the minimal server's queries/s (bench/serve).
+    app.add_middleware(AsgiHook, hook=auth_and_metrics)
 
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, error: ApiError):
@@ -282,6 +296,19 @@ def describe(current: Loaded, live: LiveSnapshot) -> dict:
         "verified": current.snapshot.verified,
         "last_reload": live.last_outcome.to_json() if live.last_outcome else None,
     }
+
+
+class AsgiHook:
+    """Wraps the app for HTTP requests: `hook(scope, receive, send, app)` decides how the app runs."""
+
+    def __init__(self, app, hook):
+        self.app, self.hook = app, hook
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+        else:
+            await self.hook(scope, receive, send, self.app)
 
 
 def _endpoint(app: FastAPI, scope: dict) -> str:
