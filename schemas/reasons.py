@@ -47,6 +47,10 @@ MISSING_EMBEDDING = "missing_embedding"  # build-index: a canonical image withou
 # Failures that say nothing about the image itself: the crawl keeps last night's good copy.
 TRANSIENT_REASONS = frozenset({TIMEOUT, CONNECTION_ERROR, DNS_ERROR, "http_429", "http_500", "http_502",
                                "http_503", "http_504"})
+# The same, when the fetch itself failed this way (the response broke on the wire: a TLS handshake
+# that failed, a malformed status line or headers, a body cut before its Content-Length). TRUNCATED
+# from the image check (a whole response holding a cut-off file) is the image's own fault: quarantined.
+WIRE_FAILURE_REASONS = frozenset({TLS_ERROR, BAD_RESPONSE, TRUNCATED})
 
 # Codes that mean "the bytes arrived but are not a decodable image" (the decode-failure gate).
 DECODE_FAILURE_REASONS = [NOT_AN_IMAGE, EMPTY_BODY, TRUNCATED, CORRUPT]

@@ -159,6 +159,64 @@ def test_second_crawl_is_incremental(spark, fault_server, tmp_path):
     assert current.loc["p2", "image"] is not None  # the last good copy stays searchable
 
 
+def test_a_response_broken_on_the_wire_keeps_last_nights_copy_a_cut_off_file_does_not(spark, fault_server,
+                                                                                        tls_files, tmp_path):
+    """Night two: a body cut before its Content-Length, a reply that is not HTTP and a TLS handshake
+    that fails (the CA bundle was swapped) say nothing about the image: those rows stay `stale` with
+    last night's bytes. A whole response holding a cut-off PNG is the image's fault: quarantined."""
+    from fault_server import FaultServer
+
+    tls_server = FaultServer(tls=tls_files).start()
+    try:
+        for i in range(4):
+            fault_server.put(f"w{i}.png", make_png(color=(60 * i, 20, 200), pattern=i))
+        tls_server.put("w4.png", make_png(color=(5, 200, 5), pattern=7))
+        rows = [(f"p{i}", "food", fault_server.url(f"img/w{i}.png"), "") for i in range(4)]
+        rows.append(("p4", "food", tls_server.url("img/w4.png"), ""))
+        manifest = write_manifest(tmp_path / "m.csv", rows)
+        warehouse = (tmp_path / "wh").as_uri()
+        first = run_crawl(settings_for(warehouse, ca_bundle=tls_files[0]), manifest, "20261101T000000Z", spark=spark)
+        assert first.fetched == 5
+
+        whole = fault_server.files["w2.png"]
+        fault_server.put("w2.png", whole[: len(whole) // 2])  # served whole, with its own Content-Length
+        original = fault_server.httpd.RequestHandlerClass._image
+
+        def broken(handler, name):
+            if name == "w0.png":  # the body ends before the declared Content-Length
+                data = fault_server.files[name]
+                handler._send(200, data[: len(data) // 2], content_type="image/png",
+                              headers={"Content-Length": str(len(data)), "Connection": "close"})
+                handler.close_connection = True
+                return 200
+            if name == "w1.png":  # not HTTP at all
+                handler._status = 0
+                handler.wfile.write(b"SSH-2.0-OpenSSH_9.6 not an HTTP server\r\n\r\n")
+                handler.close_connection = True
+                return 0
+            return original(handler, name)
+
+        fault_server.httpd.RequestHandlerClass._image = broken
+        try:
+            second = run_crawl(settings_for(warehouse), manifest, "20261102T000000Z", spark=spark)  # no CA bundle
+        finally:
+            fault_server.httpd.RequestHandlerClass._image = original
+    finally:
+        tls_server.stop()
+
+    assert (second.stale, second.not_modified, second.quarantined) == (3, 1, 1)
+    assert second.stale_reasons == {"truncated": 1, "bad_response": 1, "tls_error": 1}
+    storage = open_storage(warehouse)
+    state = read_crawl_state(storage, second.run_id).set_index("product_id")
+    assert dict(state["status"]) == {"p0": "stale", "p1": "stale", "p3": "not_modified", "p4": "stale"}
+    quarantine = storage.read_table(layout.quarantine_prefix(second.run_id, "crawl")).to_pylist()
+    assert [(q["product_id"], q["reason"]) for q in quarantine] == [("p2", "truncated")]
+    current = read_current_images(storage, second.run_id, with_bytes=True).set_index("product_id")
+    assert sorted(current.index) == ["p0", "p1", "p3", "p4"]
+    assert current.loc["p0", "image"] == fault_server.files["w0.png"]  # last night's whole bytes, searchable
+    assert current.loc["p4", "image"] == tls_server.files["w4.png"]
+
+
 def test_killed_run_resumes_only_unfinished_tasks(spark, fault_server, tmp_path):
     for i in range(12):
         fault_server.put(f"k{i}.png", make_png(color=(10 * i, 10, 10), pattern=i))

@@ -4,7 +4,6 @@ Every hostile server gets its outcome as a reason code, and the time it may cost
 checked against the documented bound: (retries + 1) * total_timeout_s + retries * max_backoff_s.
 """
 import datetime
-import ipaddress
 import socket
 import threading
 import time
@@ -322,29 +321,6 @@ def test_configured_proxy_is_used_and_resolves_names_itself(fault_server):
 
 
 # -- https ------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def tls_files(tmp_path_factory):
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "catalog-index test")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-            .sign(key, hashes.SHA256()))
-    folder = tmp_path_factory.mktemp("tls")
-    (folder / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (folder / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                       serialization.NoEncryption()))
-    return str(folder / "cert.pem"), str(folder / "key.pem")
-
 
 @pytest.fixture
 def tls_server(tls_files):

@@ -20,7 +20,8 @@ def add_crawl_commands(sub) -> None:
         "crawl", help="download the manifest's images into the warehouse images/ table",
         description="Crawl every image URL of a manifest on Spark, incrementally: unchanged images are "
                     "revalidated with conditional requests, not downloaded again. Every manifest row ends "
-                    "fetched, not_modified, stale (kept from the last run after a transient failure) or "
+                    "fetched, not_modified, stale (last run's copy kept: the fetch failed in a way that says nothing "
+                    "about the image, e.g. a timeout, HTTP 503, a failed TLS handshake, a body cut short) or "
                     "quarantined with a reason code.", epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--manifest", required=True, metavar="URI",

@@ -12,8 +12,8 @@ real image, and write three files owned by the task alone: the image bytes
 written after them makes a killed run resumable: a rerun of the same run id and the
 same manifest skips the tasks that finished.
 
-Every manifest row ends in exactly one of: fetched, not_modified, stale (fetch failed,
-last good bytes kept), quarantined (with a reason), or out_of_scope (a category outside
+Every manifest row ends in exactly one of: fetched, not_modified, stale (the fetch
+failed in a way that says nothing about the image, last good bytes kept), quarantined (with a reason), or out_of_scope (a category outside
 `--categories`). The summary checks that these add up to the manifest's row count.
 """
 from __future__ import annotations
@@ -42,7 +42,7 @@ from pipelines.guarded_http import Deadline, short
 from pipelines.readers import (LIVE_STATUSES, committed_crawl_runs, previous_crawl_run,  # noqa: F401
                                read_crawl_state, read_current_images)
 from pipelines.storage import Storage, open_storage
-from schemas.reasons import INTERNAL_ERROR, TRANSIENT_REASONS, UNEXPECTED_304
+from schemas.reasons import INTERNAL_ERROR, TRANSIENT_REASONS, UNEXPECTED_304, WIRE_FAILURE_REASONS
 from schemas.tables import IMAGE_STATE, IMAGES, QUARANTINE
 from pipelines.errors import StageRefused
 from schemas.tables import MANIFEST
@@ -163,7 +163,8 @@ def _crawl_row(row: dict, fetcher: Fetcher, settings: CrawlSettings) -> tuple[st
                     if v is not None}
             return "not_modified", {**base, **_previous(row), **http, "status": "not_modified", "checked_at": started}
         reason, detail = UNEXPECTED_304, "HTTP 304 to an unconditional request"
-    if conditional and reason in TRANSIENT_REASONS:
+    wire_failure = result.outcome == "failed" and reason in WIRE_FAILURE_REASONS
+    if conditional and (reason in TRANSIENT_REASONS or wire_failure):
         return "stale", {**base, **_previous(row), "status": "stale", "error": reason, "checked_at": started}
     return "quarantined", {**base, "row_index": row["row_index"], "reason": reason, "detail": detail,
                            "http_status": result.http_status, "at": started}
