@@ -66,6 +66,9 @@ class WriteConflict(CatalogIndexError):
     exit_code = 1
 
 
+TEXT_MAX_BYTES = 64 << 20  # the default cap of read_text
+
+
 class Storage:
     """Interface shared by LocalStorage and S3Storage."""
 
@@ -110,7 +113,10 @@ class Storage:
         return len(keys)
 
     def read_text(self, key: str, max_bytes: int | None = None) -> str:
-        return self.read_bytes(key, max_bytes).decode("utf-8")
+        """A text object (a marker, report, hold, plan: JSON), at most `max_bytes` (default TEXT_MAX_BYTES)
+        else ObjectTooLarge: anyone who can write the warehouse can leave a 10 GB "report", and none of
+        our text objects comes near the cap. Unbounded data goes through read_bytes/read_table."""
+        return self.read_bytes(key, TEXT_MAX_BYTES if max_bytes is None else max_bytes).decode("utf-8")
 
     def write_text(self, key: str, text: str) -> None:
         self.write_bytes(key, text.encode("utf-8"))
@@ -245,13 +251,18 @@ class LocalStorage(Storage):
     def _read_capped(self, fh: BinaryIO, key: str, max_bytes: int | None, versioned: bool = False) -> bytes:
         if max_bytes is None:
             return fh.read()
-        # The size first (no read at all), then a read of cap + 1: never more than the cap in memory,
-        # even from a file that grows meanwhile.
-        too_large = os.fstat(fh.fileno()).st_size > max_bytes
-        data = b"" if too_large else fh.read(max_bytes + 1)
-        if too_large or len(data) > max_bytes:
+        # The size first (no read at all), then a read of that size + 1, not of the cap: read(n) allocates
+        # n bytes up front, 64 MiB for every small JSON. A file that grows meanwhile is read on, 1 MiB at
+        # a time, to cap + 1 at most: never more than the cap in memory.
+        size = os.fstat(fh.fileno()).st_size
+        chunks = [] if size > max_bytes else [fh.read(size + 1)]
+        read = sum(map(len, chunks))
+        while chunks and chunks[-1] and read <= max_bytes:
+            chunks.append(fh.read(min(1 << 20, max_bytes + 1 - read)))
+            read += len(chunks[-1])
+        if size > max_bytes or read > max_bytes:
             raise ObjectTooLarge(self.uri_for(key), max_bytes, _file_version(fh) if versioned else None)
-        return data
+        return b"".join(chunks)
 
     def write_bytes(self, key: str, data: bytes) -> None:
         self._replace(self._path(key), lambda fh: fh.write(data))

@@ -24,14 +24,14 @@ from pipelines.cli import main as cli_main
 from pipelines.client import InsufficientSpace, current_snapshot_id, pull
 from pipelines.config import IndexSettings, load_settings
 from pipelines.index import build_index
-from pipelines.layout import latest_key, snapshot_prefix
-from pipelines.publish import publish_snapshot, rollback
+from pipelines.layout import hold_key, latest_key, snapshot_prefix
+from pipelines.publish import apply_retention, hold, publish_snapshot, rollback
 from pipelines.serve.live import LiveSnapshot
 from pipelines.serve.metrics import ServiceMetrics
 from pipelines.serve.settings import ServeSettings
 from pipelines.snapshot import (LATEST_MAX_BYTES, MANIFEST_FILE, MANIFEST_MAX_BYTES, PointerInvalid,
                                 SnapshotVerificationError, manifest_bytes, read_latest)
-from pipelines.storage import LocalStorage, open_storage
+from pipelines.storage import TEXT_MAX_BYTES, LocalStorage, open_storage
 from synthetic_catalog import MODEL, write_catalog
 
 CHAOS = int(os.environ.get("CATALOG_INDEX_CHAOS", "1"))
@@ -296,3 +296,29 @@ def test_the_serve_follower_refuses_a_snapshot_its_disk_cannot_hold_and_tries_ag
         assert f'catalog_index_reloads_total{{outcome="refused"}} {attempt}.0' in metrics.render()[0].decode()
     assert 'reason="disk_space"' in metrics.render()[0].decode()
     assert_untouched(warehouse, tmp_path / "cache")
+
+
+def test_retention_keeps_a_snapshot_whose_hold_is_too_large_to_read_and_reads_none_of_it(warehouse):
+    """Build-side reads of what others may write (holds, reports, markers) are capped too: a 10 GiB hold
+    (65 MiB on S3) is unreadable, so its snapshot is kept, and retention holds at most a few MB meanwhile.
+    Once the hold is gone, the same retention deletes that snapshot: the hold is what kept it."""
+    victim = warehouse.forge()      # published, not live
+    warehouse.forge()               # live; `first` stays held below, so it is never at risk
+    hostile = hold_key("catalog", victim, "hostile")
+    try:
+        with hold(warehouse.storage, "catalog", warehouse.first, "test"):
+            head = json.dumps({"snapshot_id": victim, "since": "2026-01-01T00:00:00+00:00"}).encode()
+            warehouse.write_large(hostile, warehouse.large(10 << 30, TEXT_MAX_BYTES + (1 << 20)), head=head, fill=b" ")
+            tracemalloc.start()
+            try:
+                deleted = apply_retention(warehouse.storage, "catalog", keep_snapshots=1)
+                peak = tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+            assert deleted == [] and warehouse.storage.exists(snapshot_prefix("catalog", victim) + MANIFEST_FILE)
+            assert peak < PEAK_MEMORY, f"retention held {peak:,} bytes at its peak"
+            warehouse.storage.delete(hostile)
+            assert apply_retention(warehouse.storage, "catalog", keep_snapshots=1) == [victim]
+    finally:
+        warehouse.storage.delete(hostile)
+        warehouse.reset()

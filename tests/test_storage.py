@@ -155,6 +155,48 @@ def test_a_capped_read_of_a_huge_local_file_reads_nothing_past_the_cap(tmp_path)
         storage.read_versioned("manifest.json", max_bytes=1024 << 20)
 
 
+def test_a_capped_local_read_of_a_file_that_grows_past_its_checked_size_stops_at_the_cap(tmp_path):
+    """A FIFO's size reads 0, then bytes keep coming (a file appended to after its size was checked):
+    the read goes on only to the cap + 1, then refuses; a stream that ends within the cap is read whole.
+    A text read is capped by default (TEXT_MAX_BYTES) without the caller asking."""
+    import os
+    import threading
+
+    from pipelines.storage import TEXT_MAX_BYTES
+
+    storage = open_storage(tmp_path.as_uri())
+    fed: list[int] = []
+
+    def feed(name: str, size: int) -> threading.Thread:
+        os.mkfifo(tmp_path / name)
+
+        def write() -> None:
+            try:
+                with open(tmp_path / name, "wb") as fh:
+                    for start in range(0, size, 1 << 16):
+                        fed.append(fh.write(b"y" * min(1 << 16, size - start)))
+            except BrokenPipeError:   # the reader stopped: what a capped read must do
+                pass
+
+        thread = threading.Thread(target=write, daemon=True)
+        thread.start()
+        return thread
+
+    writer = feed("growing", 50 << 20)
+    with pytest.raises(ObjectTooLarge, match="cap of 3,000,000 bytes"):
+        storage.read_bytes("growing", max_bytes=3_000_000)
+    writer.join(10)
+    assert sum(fed) < 3_000_000 + (2 << 20), f"{sum(fed):,} bytes went into a read capped at 3 MB"
+    feed("short", 200_000)
+    assert storage.read_bytes("short", max_bytes=3_000_000) == b"y" * 200_000
+    fed.clear()
+    writer = feed("report.json", TEXT_MAX_BYTES + (4 << 20))
+    with pytest.raises(ObjectTooLarge, match=f"cap of {TEXT_MAX_BYTES:,} bytes"):
+        storage.read_text("report.json")
+    writer.join(10)
+    assert sum(fed) < TEXT_MAX_BYTES + (3 << 20)
+
+
 def test_a_download_refuses_another_size_before_writing_anything(storage, tmp_path):
     storage.write_bytes("shards/s.faiss", b"z" * 3000)
     local = tmp_path / "staging" / "s.faiss"
