@@ -34,7 +34,8 @@ pytestmark = pytest.mark.skipif(not OPENCLIPART.is_dir(), reason="sample catalog
 REPO = Path(__file__).resolve().parents[1]
 CLI = "import sys; from pipelines.cli import main; sys.exit(main(sys.argv[1:]))"
 WORKERS, REFRESH_S = 2, 0.5
-FRESH = {"Connection": "close"}  # and no Session: every request opens its own connection
+KEY = "workers-key-0123456789abcdef"
+FRESH = {"Connection": "close", "Authorization": f"Bearer {KEY}"}  # and no Session: a new connection each time
 
 
 @dataclass
@@ -81,6 +82,15 @@ def catalog(tmp_path_factory):
 @pytest.fixture(scope="module")
 def service(catalog, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve-workers-tmp")
+    key_file = tmp / "api-key"
+    key_file.write_text(KEY + "\n")
+    # What services killed with kill -9 left: one whose parent is gone (removed at start), one whose
+    # parent lives (this test process: kept).
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    for name, pid in (("catalog-index-serve-abandoned", gone.pid), ("catalog-index-serve-running", os.getpid())):
+        (tmp / name / "metrics").mkdir(parents=True)
+        (tmp / name / "parent.pid").write_text(str(pid))
     port = free_port()
     env = {**os.environ, "TMPDIR": str(tmp), "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "OMP_NUM_THREADS": "1"}  # two workers and the test share the cores
@@ -88,7 +98,8 @@ def service(catalog, tmp_path_factory):
     log = tmp / "serve.log"
     with open(log, "wb") as out:
         process = subprocess.Popen([sys.executable, "-c", CLI, "serve", "--snapshot-dir", str(catalog.dest),
-                                    "--workers", str(WORKERS), "--port", str(port), "--refresh-s", str(REFRESH_S)],
+                                    "--workers", str(WORKERS), "--port", str(port), "--refresh-s", str(REFRESH_S),
+                                    "--api-key-file", str(key_file)],
                                    stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
     running = Running(process, f"http://127.0.0.1:{port}", tmp, log)
     try:
@@ -243,10 +254,26 @@ def test_a_worker_killed_with_kill_9_is_replaced_and_the_service_keeps_answering
     assert len(answered) <= counted <= len(answered) + len(failed)
 
 
+def test_the_api_key_is_in_no_process_environment_and_abandoned_service_directories_are_removed(service):
+    processes = [psutil.Process(service.process.pid)] + [psutil.Process(pid) for pid in service.workers()]
+    assert len(processes) == WORKERS + 1
+    for process in processes:
+        assert not any(KEY in value for value in process.environ().values()), process.pid
+    [private] = [folder for folder in service.tmp.glob("catalog-index-serve-*")
+                 if folder.name != "catalog-index-serve-running"]
+    assert not (service.tmp / "catalog-index-serve-abandoned").exists()
+    assert (service.tmp / "catalog-index-serve-running").is_dir()  # its parent lives: not ours to remove
+    assert oct(private.stat().st_mode & 0o777) == "0o700"
+    assert oct((private / "settings.json").stat().st_mode & 0o777) == "0o600"
+    assert requests.get(service.url + "/v1/snapshot", headers={"Connection": "close"}, timeout=10).status_code == 401
+
+
 def test_sigterm_stops_every_worker_and_removes_the_metrics_directory(service):
-    metrics_dirs = list(service.tmp.glob("catalog-index-metrics-*"))
-    assert len(metrics_dirs) == 1 and any(metrics_dirs[0].iterdir())
-    assert oct(metrics_dirs[0].stat().st_mode & 0o777) == "0o700"  # private
+    [private] = [folder for folder in service.tmp.glob("catalog-index-serve-*")
+                 if folder.name != "catalog-index-serve-running"]
+    metrics_dirs = [private / "metrics"]
+    assert any(metrics_dirs[0].iterdir())
+    assert oct(private.stat().st_mode & 0o777) == "0o700"  # private
     workers = [psutil.Process(pid) for pid in service.workers()]
     assert len(workers) == WORKERS
     started = time.monotonic()
@@ -255,6 +282,6 @@ def test_sigterm_stops_every_worker_and_removes_the_metrics_directory(service):
     stopped = time.monotonic() - started
     _, alive = psutil.wait_procs(workers, timeout=1)
     assert not alive and stopped < 10, (alive, stopped)
-    assert not metrics_dirs[0].exists()
+    assert not metrics_dirs[0].exists() and not private.exists()
     with pytest.raises(requests.ConnectionError):
         requests.get(service.url + "/healthz", timeout=2)

@@ -39,7 +39,7 @@ from pipelines.serve.metrics import MULTIPROC_ENV, ServiceMetrics
 from pipelines.serve.model import timed
 from pipelines.serve.queries import (ApiError, decode_error, fetch_image, image_fetcher, parse_query,
                                      read_body)
-from pipelines.serve.settings import ENV_SETTINGS, ServeSettings
+from pipelines.serve.settings import ENV_SETTINGS_FILE, ServeSettings
 
 PAGE = Path(__file__).with_name("page.html")
 OPEN_PATHS = {"/healthz"}                       # no token needed
@@ -364,13 +364,21 @@ def run_server(settings: ServeSettings) -> None:
         uvicorn.run("pipelines.serve.app:app_from_env", factory=True, workers=settings.workers, **common)
 
 
+SERVICE_DIR_PREFIX = "catalog-index-serve-"
+
+
 @contextmanager
 def _worker_environment(settings: ServeSettings) -> Iterator[None]:
-    """What the workers (fresh interpreters) inherit: the settings, and a fresh private directory for
-    Prometheus' multiprocess files, set before they import prometheus_client; removed afterwards."""
-    metrics_dir = tempfile.mkdtemp(prefix="catalog-index-metrics-")  # mode 0700
-    saved = {name: os.environ.get(name) for name in (ENV_SETTINGS, MULTIPROC_ENV)}
-    os.environ[ENV_SETTINGS], os.environ[MULTIPROC_ENV] = settings.to_env(), metrics_dir
+    """What the workers (fresh interpreters) inherit: the path of the settings file, and a fresh directory
+    for Prometheus' multiprocess files (set before they import prometheus_client), both in a private
+    directory removed afterwards. One left by a service killed with kill -9 is removed at the next start."""
+    _remove_abandoned_service_dirs()
+    root = Path(tempfile.mkdtemp(prefix=SERVICE_DIR_PREFIX))  # mode 0700
+    (root / "parent.pid").write_text(str(os.getpid()))
+    settings.write_private(root / "settings.json")
+    (root / "metrics").mkdir(mode=0o700)
+    saved = {name: os.environ.get(name) for name in (ENV_SETTINGS_FILE, MULTIPROC_ENV)}
+    os.environ[ENV_SETTINGS_FILE], os.environ[MULTIPROC_ENV] = str(root / "settings.json"), str(root / "metrics")
     try:
         yield
     finally:
@@ -379,7 +387,23 @@ def _worker_environment(settings: ServeSettings) -> Iterator[None]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
-        shutil.rmtree(metrics_dir, ignore_errors=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _remove_abandoned_service_dirs() -> None:
+    """Private directories of services (this user's) whose parent process is gone. A directory whose
+    parent cannot be told is left alone."""
+    for folder in Path(tempfile.gettempdir()).glob(SERVICE_DIR_PREFIX + "*"):
+        try:
+            if not folder.is_dir() or folder.is_symlink() or folder.stat().st_uid != os.getuid():
+                continue
+            pid = int((folder / "parent.pid").read_text())
+            if pid > 0:
+                os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except (OSError, ValueError):
+            continue
 
 
 def app_from_env() -> FastAPI:

@@ -14,7 +14,9 @@ from pipelines.config import S3Settings
 from pipelines.errors import UsageError
 
 DEFAULT_CACHE = Path.home() / ".catalog-index" / "snapshots"
-ENV_SETTINGS = "CATALOG_INDEX_SERVE_SETTINGS"   # how `--workers N` hands settings to worker processes
+# How `--workers N` hands settings to worker processes: the path of a 0600 JSON file in the service's
+# private directory. Not the settings themselves: the API key would sit in every worker's environment.
+ENV_SETTINGS_FILE = "CATALOG_INDEX_SERVE_SETTINGS_FILE"
 
 
 @dataclass
@@ -64,15 +66,18 @@ class ServeSettings:
     def pull_dir(self) -> Path:
         return Path(self.cache_dir).expanduser() if self.cache_dir else DEFAULT_CACHE / self.index_name
 
-    def to_env(self) -> str:
-        return json.dumps(asdict(self))
+    def write_private(self, path: Path) -> None:
+        """The settings as JSON in a new file only this user can read (it holds the API key)."""
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(asdict(self), fh)
 
     @classmethod
     def from_env(cls) -> "ServeSettings":
-        text = os.environ.get(ENV_SETTINGS)
-        if not text:
-            raise UsageError(f"{ENV_SETTINGS} is not set: start workers through `catalog-index serve`")
-        return cls(**json.loads(text))
+        path = os.environ.get(ENV_SETTINGS_FILE)
+        if not path:
+            raise UsageError(f"{ENV_SETTINGS_FILE} is not set: start workers through `catalog-index serve`")
+        return cls(**json.loads(Path(path).read_text()))
 
 
 def read_api_key(path: str | os.PathLike) -> str:
