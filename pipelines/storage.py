@@ -254,14 +254,19 @@ class LocalStorage(Storage):
         # The size first (no read at all), then a read of that size + 1, not of the cap: read(n) allocates
         # n bytes up front, 64 MiB for every small JSON. A file that grows meanwhile is read on, 1 MiB at
         # a time, to cap + 1 at most: never more than the cap in memory.
+        def too_large() -> ObjectTooLarge:
+            return ObjectTooLarge(self.uri_for(key), max_bytes, _file_version(fh) if versioned else None)
+
         size = os.fstat(fh.fileno()).st_size
-        chunks = [] if size > max_bytes else [fh.read(size + 1)]
-        read = sum(map(len, chunks))
-        while chunks and chunks[-1] and read <= max_bytes:
+        if size > max_bytes:
+            raise too_large()
+        chunks = [fh.read(size + 1)]
+        read = len(chunks[0])
+        while chunks[-1] and read <= max_bytes:
             chunks.append(fh.read(min(1 << 20, max_bytes + 1 - read)))
             read += len(chunks[-1])
-        if size > max_bytes or read > max_bytes:
-            raise ObjectTooLarge(self.uri_for(key), max_bytes, _file_version(fh) if versioned else None)
+        if read > max_bytes:
+            raise too_large()
         return b"".join(chunks)
 
     def write_bytes(self, key: str, data: bytes) -> None:

@@ -13,8 +13,8 @@ written after them makes a killed run resumable: a rerun of the same run id and 
 same manifest skips the tasks that finished.
 
 Every manifest row ends in exactly one of: fetched, not_modified, stale (the fetch
-failed in a way that says nothing about the image, last good bytes kept), quarantined (with a reason), or out_of_scope (a category outside
-`--categories`). The summary checks that these add up to the manifest's row count.
+failed in a way that says nothing about the image, last good bytes kept), quarantined
+(with a reason), or out_of_scope (a category outside `--categories`). The summary checks that these add up to the manifest's row count.
 """
 from __future__ import annotations
 
